@@ -5,10 +5,15 @@ doc links), exactly as it does before a Quarto render. We then render `_proc/` t
 static HTML with nbconvert: `#|` directives stripped, hidden cells dropped, a sidebar
 for navigation between pages, and no script or style fetched from a CDN.
 
+Pages are named as Quarto names them (the `output-file` nbdev puts in each notebook's
+front matter, e.g. `05_metrics.ipynb` -> `metrics.html`), and nbdev's doc links to the
+real site (`doc_host` + `doc_baseurl`) are made relative, so they work offline.
+Each page records its notebook in `<meta name="lessonlib:source" content="nbs/...ipynb">`.
+
 Usage: python tools/build_docs.py [--out _docs]   (or: make docs)
 Where Quarto is installed, `nbdev_docs` builds the real site from the same `_quarto.yml`.
 """
-import argparse, html, json, re, shutil, sys, tempfile
+import argparse, html, os, re, shutil, sys, tempfile
 from pathlib import Path
 
 import nbformat
@@ -17,35 +22,61 @@ from nbconvert import HTMLExporter
 ROOT = Path(__file__).resolve().parent.parent
 DIRECTIVE = re.compile(r'^\s*#\s?\|')
 
+
+def _pygments_css():
+    from pygments.formatters import HtmlFormatter
+    return HtmlFormatter(style='default').get_style_defs('.highlight')
+
+
 CSS = """
-body{margin:0;font-family:-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;color:#212529;line-height:1.5}
+body{margin:0;font-family:-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;color:#212529;line-height:1.5;background:#fff}
 .layout{display:flex;min-height:100vh}
-nav.sidebar{width:250px;flex:none;background:#f4f6f8;border-right:1px solid #dde;padding:1rem;box-sizing:border-box}
-nav.sidebar h2{font-size:1.1rem;margin:0 0 .6rem 0}
+nav.sidebar{width:250px;flex:none;background:#f4f6f8;border-right:1px solid #dde;padding:1rem;box-sizing:border-box;
+  position:sticky;top:0;height:100vh;overflow-y:auto}
+nav.sidebar h2{font-size:1.25rem;margin:0 0 .6rem 0}
 nav.sidebar h2 a{color:#2780e3;text-decoration:none}
-nav.sidebar .section{font-weight:600;margin-top:.8rem;color:#555;text-transform:capitalize}
+nav.sidebar .section{font-weight:600;margin-top:.9rem;color:#555;text-transform:capitalize}
 nav.sidebar ul{list-style:none;padding-left:.3rem;margin:.2rem 0}
-nav.sidebar li{margin:.15rem 0}
+nav.sidebar li{margin:.2rem 0}
 nav.sidebar a{color:#333;text-decoration:none}
+nav.sidebar a:hover{color:#2780e3}
 nav.sidebar a.current{color:#2780e3;font-weight:600}
-main{flex:1;max-width:980px;padding:1.5rem 2.5rem;box-sizing:border-box;overflow-x:auto}
-h1.title{margin-top:0}
-p.description{font-style:italic;font-size:1.2rem;opacity:.75}
-pre{background:#f7f7f9;padding:.6rem .8rem;border-radius:4px;overflow-x:auto;font-size:.88rem}
-code{font-family:SFMono-Regular,Menlo,Consolas,monospace;font-size:.9em}
-.cell{margin-bottom:1rem}
-.output pre,.output_area pre{background:none;border-left:2px solid lightsalmon;margin-left:.8rem}
-table{border-collapse:collapse;margin:.5rem 0}
-td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:right}
+main{flex:1;min-width:0;max-width:1000px;padding:1.5rem 2.5rem 3rem;box-sizing:border-box}
+h1.title{margin:0 0 .3rem 0;font-size:2.2rem}
+p.description{font-size:1.15rem;color:#5a6570;margin:.2rem 0 1.2rem}
+h2{border-bottom:1px solid #e3e6ea;padding-bottom:.2rem;margin-top:2rem}
+h3{margin-top:1.4rem}
+a{color:#2780e3}
+a.anchor-link{visibility:hidden;margin-left:.3rem;text-decoration:none;color:#aab;font-weight:normal}
+h1:hover a.anchor-link,h2:hover a.anchor-link,h3:hover a.anchor-link,h4:hover a.anchor-link{visibility:visible}
+pre{background:#f7f7f9;padding:.6rem .8rem;border-radius:4px;overflow-x:auto;font-size:.86rem;line-height:1.4;margin:.4rem 0}
+code{font-family:SFMono-Regular,Menlo,Consolas,'Liberation Mono',monospace;font-size:.9em;color:#9a3d5b}
+pre code,a code{color:inherit}
+.cell{margin:.6rem 0}
+.input_area .highlight pre{border-left:3px solid #c8d3e0}
+.output_area pre{background:#fff;border:1px solid #eee;border-left:3px solid lightsalmon;margin-left:.8rem}
+.output_stderr pre{background:#fff5f5}
+.output_subarea img{display:block;margin:.3rem .8rem}
+a.source-link{float:right;font-size:smaller}
+.doc-signature pre{background:#f1f5fb;border-left:3px solid #2780e3;white-space:pre-wrap}
+div.math{font-family:SFMono-Regular,Menlo,Consolas,monospace;background:#fcfcf5;padding:.4rem .8rem;border-radius:4px;
+  text-align:center;overflow-x:auto;color:#444;margin:.5rem 0}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.92rem}
+td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:left}
+th{background:#f4f6f8}
+blockquote{border-left:3px solid #dde;margin:.5rem 0;padding:.1rem 1rem;color:#555}
 img{max-width:100%}
+hr{border:0;border-top:1px solid #e3e6ea;margin:1.5rem 0 .8rem}
 .footer-nav{display:flex;justify-content:space-between;margin-top:3rem;border-top:1px solid #ddd;padding-top:1rem}
-.jp-InputPrompt,.jp-OutputPrompt,.prompt{display:none}
+.footer-nav a{text-decoration:none}
+.prompt,.jp-InputPrompt,.jp-OutputPrompt{display:none}
 """
 
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title} – lessonlib</title>
+<meta name="lessonlib:source" content="{source}">
+<title>{plain_title} – lessonlib</title>
 <style>{css}</style></head>
 <body><div class="layout">
 <nav class="sidebar"><h2><a href="{root}index.html">lessonlib</a></h2>{nav}</nav>
@@ -66,107 +97,203 @@ def process_notebooks():
     refresh_quarto_yml()
     nbdev.doclinks._build_modidx()
     nbdev_sidebar.__wrapped__(path=cfg.nbs_path)
-    return proc_nbs(cfg.nbs_path, force=True, n_workers=0)
+    try: return proc_nbs(cfg.nbs_path, force=True, n_workers=0)
+    except Exception as e:
+        raise SystemExit(
+            f'nbdev could not process the notebooks for the docs: {e}\n'
+            'nbdev runs (while building the docs, here and under Quarto) every cell that is exported, '
+            'calls show_doc, or contains an import. A cell that mixes imports with other code is therefore run '
+            'on its own, without the cells above it: put imports in a cell of their own (see CONTRIBUTING.md).') from e
 
 
 def frontmatter(nb):
-    "Title and description from the first markdown cell (`# Title` and `> description`) or the `---` block."
-    title, desc = None, None
+    "Title, description and output file from nbdev's front matter (a raw `---` cell), else from `# Title` / `> description`."
+    import yaml
+    fm = {}
     for cell in nb.cells:
-        if cell.cell_type != 'markdown': continue
-        src = cell.source
-        m = re.search(r'^---\n(.*?)\n---', src, re.S)
-        if m:
-            for line in m.group(1).splitlines():
-                k, _, v = line.partition(':')
-                if k.strip() == 'title': title = v.strip().strip('"\'')
-                if k.strip() == 'description': desc = v.strip().strip('"\'')
-        m = re.match(r'#\s+(.+)', src.strip())
-        if m and title is None: title = m.group(1).strip()
-        m = re.search(r'^>\s*(.+)$', src, re.M)
-        if m and desc is None: desc = m.group(1).strip()
+        src = cell.source.strip()
+        if cell.cell_type in ('raw', 'markdown') and src.startswith('---'):
+            m = re.match(r'^---\n(.*?)\n---', src + '\n', re.S)
+            if m:
+                try: fm = yaml.safe_load(m.group(1)) or {}
+                except yaml.YAMLError: fm = {}
         break
-    return title, desc
+    title, desc = fm.get('title'), fm.get('description')
+    if title is None:
+        for cell in nb.cells:
+            if cell.cell_type != 'markdown' or cell.source.lstrip().startswith('<!--'): continue
+            m = re.match(r'#\s+(.+)', cell.source.strip())
+            if m: title = m.group(1).strip()
+            m = re.search(r'^>\s*(.+)$', cell.source, re.M)
+            if m and desc is None: desc = m.group(1).strip()
+            break
+    return title, desc, fm.get('output-file')
+
+
+_QLINK = re.compile(r'\[([^\]\n]+)\]\(([^)\s]+)\)\{([^}\n]*)\}')
+
+
+def quarto_links(md):
+    "Quarto's `[text](url){target=\"_blank\" .cls}` link attributes -> an HTML link (nbconvert's markdown lacks them)."
+    def rep(m):
+        text, url, attrs = m.groups()
+        kv = dict(re.findall(r'([\w-]+)="([^"]*)"', attrs))
+        classes = re.findall(r'(?:^|\s)\.([\w-]+)', attrs)
+        if text == 'source': classes.append('source-link'); kv.pop('style', None)
+        a = f'<a href="{html.escape(url)}"'
+        if classes: a += f' class="{" ".join(classes)}"'
+        a += ''.join(f' {k}="{html.escape(v)}"' for k, v in kv.items() if k != 'class')
+        return a + f'>{text}</a>'
+    return _QLINK.sub(rep, md)
+
+
+def _asis(cell):
+    "The markdown (or HTML) an `output: asis` cell (show_doc) produces, to render as part of the page."
+    parts = []
+    for o in cell.get('outputs', []):
+        data = o.get('data', {})
+        if 'text/markdown' in data: parts.append(''.join(data['text/markdown']))
+        elif 'text/html' in data: parts.append(''.join(data['text/html']))
+        elif o.get('output_type') == 'stream': parts.append('```\n' + ''.join(o.get('text', '')) + '\n```')
+    md = '\n\n'.join(parts)
+    # show_doc's signature block: mark it so it can be styled apart from example code
+    md = re.sub(r'^(#{2,4} .+\n\n)(```python\n.*?\n```)', r'\1<div class="doc-signature">\n\n\2\n\n</div>', md, flags=re.S | re.M)
+    return nbformat.v4.new_markdown_cell(quarto_links(md))
 
 
 def clean(nb):
-    "Drop hidden cells and the title cell, strip `#|` directives, hide code where `echo: false`."
-    cells, first_md_done = [], False
-    for cell in nb.cells:
+    "Drop hidden cells and the front matter, strip `#|` directives, honour echo/output/include, inline `output: asis`."
+    cells = []
+    for i, cell in enumerate(nb.cells):
         src = cell.source
-        if cell.cell_type == 'markdown' and not first_md_done:
-            first_md_done = True
-            if re.match(r'\s*(---|#\s)', src): continue  # rendered as the page title
-        if cell.cell_type == 'raw' and src.strip().startswith('---'): continue
+        if i == 0 and cell.cell_type in ('raw', 'markdown') and src.lstrip().startswith('---'): continue  # front matter
+        if cell.cell_type == 'raw': continue
         lines = src.splitlines()
         opts = ' '.join(l for l in lines if DIRECTIVE.match(l))
         if re.search(r'\b(hide|include:\s*false|export_hide)\b', opts): continue
-        if cell.cell_type == 'code':
-            cell.source = '\n'.join(l for l in lines if not DIRECTIVE.match(l)).strip('\n')
-            if re.search(r'echo:\s*false', opts): cell.metadata['transient'] = {'remove_source': True}
-            if not cell.source and not cell.get('outputs'): continue
+        if cell.cell_type == 'markdown':
+            if src.strip().startswith('<!-- WARNING: THIS FILE WAS AUTOGENERATED'): continue
+            cell.source = quarto_links(src)
+            cells.append(cell); continue
+        if cell.cell_type != 'code': continue
+        if re.search(r'output:\s*asis', opts):
+            if cell.get('outputs'): cells.append(_asis(cell))
+            continue
+        cell.source = '\n'.join(l for l in lines if not DIRECTIVE.match(l)).strip('\n')
+        if re.search(r'echo:\s*false', opts): cell.metadata['transient'] = {'remove_source': True}
+        if re.search(r'output:\s*false', opts): cell.outputs = []
+        if not cell.source and not cell.get('outputs'): continue
         cells.append(cell)
     nb.cells = cells
     return nb
 
 
 def page_order(proc):
-    "Notebooks in reading order: index first, then by path (numbered names sort in reading order)."
+    "Notebooks in reading order: index first, then top-level notebooks by name, then each folder (e.g. lessons/)."
     nbs = sorted(p for p in proc.rglob('*.ipynb') if not any(q.startswith(('_', '.')) for q in p.relative_to(proc).parts))
     return sorted(nbs, key=lambda p: (p.relative_to(proc).parts[0] != 'index.ipynb', len(p.relative_to(proc).parts) > 1, str(p)))
+
+
+def inline_md(s):
+    "Escape a title or description, rendering its `code` spans."
+    return re.sub(r'`([^`]+)`', r'<code>\1</code>', html.escape(s))
 
 
 def nav_html(pages, current, root):
     out, section = [], None
     for rel, title in pages:
-        sec = rel.parent.name if len(rel.parts) > 1 else ''
+        sec = rel.parent.as_posix() if len(rel.parts) > 1 else ''
         if sec != section:
             if section is not None: out.append('</ul>')
-            if sec: out.append(f'<div class="section">{html.escape(re.sub(r"^[0-9]+_", "", sec))}</div>')
+            if sec: out.append(f'<div class="section">{html.escape(re.sub(r"^[0-9]+_", "", rel.parent.name))}</div>')
             out.append('<ul>'); section = sec
         cls = ' class="current"' if rel == current else ''
-        out.append(f'<li><a{cls} href="{root}{rel.with_suffix(".html").as_posix()}">{html.escape(title)}</a></li>')
+        out.append(f'<li><a{cls} href="{root}{rel.as_posix()}">{inline_md(title)}</a></li>')
     out.append('</ul>')
     return '\n'.join(out)
 
 
-def render_site(proc, out):
+def pandoc_id(text):
+    "The identifier pandoc (and so Quarto, and nbdev's doc links) gives a heading."
+    t = html.unescape(re.sub(r'<[^>]+>', '', text)).strip().lower()
+    t = re.sub(r'[^\w\s.-]', '', t)
+    t = re.sub(r'\s+', '-', t)
+    return re.sub(r'^[^a-z]+', '', t) or 'section'
+
+
+_HEAD = re.compile(r'<h([1-6]) id="([^"]*)">(.*?)<a class="anchor-link" href="#[^"]*">¶</a></h\1>', re.S)
+
+
+def fix_body(body, rel, page_files, site_prefix):
+    "Pandoc heading ids, site links made relative, display math marked."
+    seen, ids = set(), {}
+    def head(m):
+        lvl, old, inner = m.groups()
+        new = base = pandoc_id(inner); n = 0
+        while new in seen: n += 1; new = f'{base}-{n}'
+        seen.add(new); ids[old] = new
+        return f'<h{lvl} id="{new}">{inner}<a class="anchor-link" href="#{new}">¶</a></h{lvl}>'
+    body = _HEAD.sub(head, body)
+    body = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{ids.get(html.unescape(m.group(1)), m.group(1))}"', body)
+    root = '../' * (len(rel.parts) - 1)
+    if site_prefix:
+        def link(m):
+            path, frag = m.group(1), m.group(2) or ''
+            return f'href="{root}{path}{frag}"' if path in page_files else m.group(0)
+        body = re.sub(r'href="' + re.escape(site_prefix.rstrip('/')) + r'/([^"#]*\.html)(#[^"]*)?"', link, body)
+    body = re.sub(r'(?<![\w$])\$\$(.+?)\$\$', lambda m: f'<div class="math">{m.group(1).strip()}</div>', body, flags=re.S)
+    return body
+
+
+def render_site(proc, out, site_prefix=None):
     "Render every processed notebook to `out/` as a static page with navigation."
     exporter = HTMLExporter(template_name='basic')
     exporter.exclude_input_prompt = exporter.exclude_output_prompt = True
-    nbs = page_order(proc)
+    nbs_path = proc.parent/'nbs'
     loaded = []
-    for p in nbs:
+    for p in page_order(proc):
         nb = nbformat.read(p, as_version=4)
-        title, desc = frontmatter(nb)
-        loaded.append((p.relative_to(proc), title or p.stem, desc, clean(nb)))
-    pages = [(rel, title) for rel, title, _, _ in loaded]
+        title, desc, ofile = frontmatter(nb)
+        nbrel = p.relative_to(proc)
+        rel = nbrel.parent/ofile if ofile else nbrel.with_suffix('.html')
+        loaded.append((rel, nbrel, title or p.stem, desc, clean(nb)))
+    pages = [(rel, title) for rel, _, title, _, _ in loaded]
+    page_files = {rel.as_posix() for rel, _ in pages}
+    if len(page_files) != len(pages): raise SystemExit(f'two notebooks render to the same page: {sorted(r.as_posix() for r, _ in pages)}')
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix='.docs-', dir=out.parent))
-    for i, (rel, title, desc, nb) in enumerate(loaded):
-        body, res = exporter.from_notebook_node(nb)
-        root = '../' * (len(rel.parts) - 1)
-        dest = tmp/rel.with_suffix('.html')
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        for name, data in (res.get('outputs') or {}).items(): (dest.parent/name).write_bytes(data)
-        link = lambda j, label: (f'<a href="{root}{pages[j][0].with_suffix(".html").as_posix()}">{label}</a>'
-                                 if 0 <= j < len(pages) else '<span></span>')
-        dest.write_text(PAGE.format(
-            title=html.escape(title), css=CSS, root=root, nav=nav_html(pages, rel, root), body=body,
-            description=f'<p class="description">{html.escape(desc)}</p>' if desc else '',
-            prev=link(i - 1, f'← {html.escape(pages[i-1][1]) if i else ""}'),
-            next=link(i + 1, f'{html.escape(pages[i+1][1]) if i + 1 < len(pages) else ""} →')), encoding='utf-8')
-    check_offline(tmp)
+    try:
+        for i, (rel, nbrel, title, desc, nb) in enumerate(loaded):
+            body, res = exporter.from_notebook_node(nb)
+            root = '../' * (len(rel.parts) - 1)
+            dest = tmp/rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            for name, data in (res.get('outputs') or {}).items(): (dest.parent/name).write_bytes(data)
+            link = lambda j, label: (f'<a href="{root}{pages[j][0].as_posix()}">{label}</a>'
+                                     if 0 <= j < len(pages) else '<span></span>')
+            dest.write_text(PAGE.format(
+                title=inline_md(title), plain_title=html.escape(title.replace('`', '')), css=CSS + _pygments_css(), root=root, nav=nav_html(pages, rel, root),
+                source=html.escape(f'{nbs_path.name}/{nbrel.as_posix()}'),
+                body=fix_body(body, rel, page_files, site_prefix),
+                description=f'<p class="description">{inline_md(desc)}</p>' if desc else '',
+                prev=link(i - 1, f'← {inline_md(pages[i-1][1]) if i else ""}'),
+                next=link(i + 1, f'{inline_md(pages[i+1][1]) if i + 1 < len(pages) else ""} →')), encoding='utf-8')
+        check_offline(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True); raise
     if out.exists(): shutil.rmtree(out)
     tmp.rename(out)
-    return [out/rel.with_suffix('.html') for rel, *_ in loaded]
+    return [out/rel for rel, *_ in loaded]
+
+
+_REMOTE = re.compile(r'<(?:script|link|iframe)\b[^>]*\b(?:src|href)="(?:https?:)?//[^"]+"|@import\s+(?:url\()?["\']?(?:https?:)?//'
+                     r'|url\(["\']?(?:https?:)?//', re.I)
 
 
 def check_offline(site):
-    "Fail if any page would fetch a script or stylesheet from the network."
-    bad = []
-    for f in site.rglob('*.html'):
-        for m in re.finditer(r'<(script|link)\b[^>]*(?:src|href)="(https?:)?//[^"]+"', f.read_text(encoding='utf-8')):
-            bad.append(f'{f.name}: {m.group(0)[:120]}')
+    "Fail if any page would fetch a script, stylesheet or frame from the network."
+    bad = [f'{f.relative_to(site)}: {m.group(0)[:120]}' for f in site.rglob('*.html')
+           for m in _REMOTE.finditer(f.read_text(encoding='utf-8'))]
     if bad: raise SystemExit('pages load remote resources:\n' + '\n'.join(bad))
 
 
@@ -174,14 +301,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--out', default='_docs', help='output folder (default: _docs)')
     args = ap.parse_args(argv)
-    out = (ROOT/args.out).resolve() if not Path(args.out).is_absolute() else Path(args.out)
-    proc = process_notebooks()
-    files = render_site(Path(proc), out)
+    out = Path(args.out) if Path(args.out).is_absolute() else (ROOT/args.out).resolve()
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # nbdev finds settings.ini from the working directory
+    try:
+        from nbdev.config import get_config
+        cfg = get_config()
+        proc = process_notebooks()
+        files = render_site(Path(proc), out, site_prefix=f"{cfg.doc_host}{cfg.doc_baseurl}")
+    finally: os.chdir(cwd)
     print(f'built {len(files)} pages in {out}')
     return files
 
 
 if __name__ == '__main__':
-    import os
-    os.chdir(ROOT)
     main()

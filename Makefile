@@ -1,0 +1,14 @@
+# lessonlib developer commands. Notebooks in nbs/ are the source; see CONTRIBUTING.md.
+.PHONY: help docs test export
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+docs:  ## build the static docs site offline into _docs/ (no Quarto needed)
+	python tools/build_docs.py --out _docs
+
+test:  ## run CI locally: fresh venv, sync check, pytest, nbdev_test, docs
+	bash .ci/run
+
+export:  ## regenerate lessonlib/*.py from the notebooks and clean the notebooks
+	nbdev_export && nbdev_clean

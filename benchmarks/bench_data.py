@@ -1,0 +1,178 @@
+"""How fast does the data pipeline feed a model? Planet-format 256 px JPEGs into 128 px batches.
+
+Compares, in images per second (median of `--repeats` full passes after a warm-up pass):
+- naive: a plain torch `Dataset` doing `Image.open(fn).convert('RGB').resize((128, 128))` (full 256 px decode,
+  then resize) → uint8 tensor, through a plain torch `DataLoader`;
+- presized, item pipeline only: lessonlib's `DataBlock` with `item_tfms=Resize(128)`, so the JPEG is decoded
+  reduced (PIL draft mode, 256 → 128 in the decoder) and the resize is a no-op; no batch transforms at all;
+- presized + batch transforms: the same loader with its batch transforms on the CPU (IntToFloat, Normalize and
+  `aug_transforms(flip_vert=True, max_lighting=0.1, max_zoom=1.05, max_warp=0.)`);
+each with num_workers 0 and 2. Then end to end: two epochs of `Learner.fit(1)` (fbeta metric, train + valid, 80/20
+split) at 128 px for each num_workers, and the same epochs on the pipeline's batches held in memory (the model's share).
+
+Every pass builds a fresh DataLoader iterator, as a training epoch does, so worker start-up is included.
+The data set is painted once by `make_planet` and cached (`--dest`, default in the temp folder).
+
+Usage: python benchmarks/bench_data.py [--n 512] [--bs 64] [--repeats 3] [--threads T] [--arch simple_cnn|resnet18] [--quick]
+"""
+import argparse, copy, os, platform, statistics, tempfile, time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from lessonlib.core import set_seed
+from lessonlib.data import DataLoaders, DataBlock, MultiCategoryBlock, ColReader, FuncSplitter, RandomSplitter
+from lessonlib.vision.data import ImageBlock, Resize
+from lessonlib.vision.augment import aug_transforms
+from lessonlib.vision.models import simple_cnn, create_vision_model, vision_split
+from lessonlib.learner import Learner, one_group
+from lessonlib.callbacks import ProgressCallback
+from lessonlib.metrics import fbeta
+from lessonlib.losses import loss_for
+from lessonlib.synth import make_planet, PLANET_TAGS
+
+SRC, OUT = 256, 128
+
+
+class NaiveDataset(torch.utils.data.Dataset):
+    "Full decode, then resize: `(uint8 CHW image, multi-hot float target)`."
+    def __init__(self, fns, tags, size=OUT):
+        self.fns, self.size = list(fns), size
+        idx = {t: i for i, t in enumerate(PLANET_TAGS)}
+        self.ys = torch.zeros(len(tags), len(PLANET_TAGS))
+        for r, ts in enumerate(tags):
+            for t in ts.split(): self.ys[r, idx[t]] = 1.
+    def __len__(self): return len(self.fns)
+    def __getitem__(self, i):
+        im = Image.open(self.fns[i]).convert('RGB').resize((self.size, self.size))
+        return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1), self.ys[i]
+
+
+def planet_block(valid_pct=None, seed=42):
+    "The lesson's Planet DataBlock at 128 px; `valid_pct=None` puts every item in the training split."
+    splitter = FuncSplitter(lambda r: False) if valid_pct is None else RandomSplitter(valid_pct, seed)
+    return lambda path: DataBlock(
+        blocks=(ImageBlock, MultiCategoryBlock),
+        get_x=ColReader(0, pref=path/'train-jpg', suff='.jpg'), get_y=ColReader(1, label_delim=' '),
+        splitter=splitter, item_tfms=Resize(OUT),
+        batch_tfms=aug_transforms(flip_vert=True, max_lighting=0.1, max_zoom=1.05, max_warp=0.))
+
+
+def one_pass(loader):
+    "Seconds for one full pass over `loader` (fresh iterator) and the number of images it gave."
+    t, n = time.perf_counter(), 0
+    for b in loader: n += b[0].shape[0]
+    return time.perf_counter() - t, n
+
+
+def images_per_s(loaders, repeats):
+    """Median images/s of each loader over `repeats` passes after one warm-up pass each; the configurations take
+    turns pass by pass, so a change of machine load hits them all alike. Returns {name: (median, rates, images/pass)}."""
+    for dl in loaders.values(): one_pass(dl)
+    runs = {k: [] for k in loaders}
+    for _ in range(repeats):
+        for k, dl in loaders.items(): runs[k].append(one_pass(dl))
+    return {k: (statistics.median(n / t for t, n in r), [n / t for t, n in r], r[0][1]) for k, r in runs.items()}
+
+
+def check_same_pixels(naive_ds, dls):
+    "Sanity: both paths give 128 px uint8 images of the same tile (they differ a little: draft decode vs resize)."
+    x_naive = naive_ds[0][0]
+    x_lib = dls.train.dataset[0][0]        # item 0 with the train pipeline (Resize is a no-op at 256 → 128)
+    assert x_naive.shape == x_lib.shape == (3, OUT, OUT) and x_naive.dtype == x_lib.dtype == torch.uint8
+    return (x_naive.float() - x_lib.float()).abs().mean().item()
+
+
+def end_to_end(path, df, arch, bs, workers, epochs=2):
+    """Epoch times of `Learner.fit(1)` (train + valid, fbeta metric) at 128 px on the CPU: {num_workers: [seconds per
+    epoch]} plus 'in memory': the same epochs on the pipeline's batches held in memory (the model's share); the last
+    metrics of each, and the split sizes. Each run starts from the same initial weights."""
+    set_seed(0)
+    blk = planet_block(valid_pct=0.2)(path)
+    dls = {nw: blk.dataloaders(df, bs=bs, device='cpu', num_workers=nw) for nw in workers}
+    d0 = dls[workers[0]]
+    if arch == 'simple_cnn': model, splitter = simple_cnn(len(d0.vocab)), one_group
+    else: model, splitter = create_vision_model(arch, len(d0.vocab), pretrained=False), vision_split
+    def fit_times(data):
+        learn = Learner(data, copy.deepcopy(model), metrics=[fbeta], splitter=splitter, device='cpu', lr=3e-3,
+                        loss_func=loss_for(d0.loss))
+        learn.cbs = [cb for cb in learn.cbs if not isinstance(cb, ProgressCallback)]
+        times = []
+        for _ in range(epochs):
+            t = time.perf_counter(); learn.fit(1); times.append(time.perf_counter() - t)
+        last = learn.recorder.values[-1]
+        return times, {k: float(v) for k, v in last.items() if k not in ('epoch', 'time') and v is not None}
+    res = {nw: fit_times(d) for nw, d in dls.items()}
+    res['in memory'] = fit_times(DataLoaders(list(d0.train), list(d0.valid)))   # the same pipeline's output, held in memory
+    return res, len(d0.train_ds), len(d0.valid_ds)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--n', type=int, default=512, help='number of 256 px tiles')
+    ap.add_argument('--bs', type=int, default=64)
+    ap.add_argument('--repeats', type=int, default=3, help='timed passes per configuration (after one warm-up)')
+    ap.add_argument('--workers', type=int, nargs='+', default=[0, 2])
+    ap.add_argument('--arch', default='simple_cnn', help="model for the end-to-end epoch: simple_cnn or a torchvision name (e.g. resnet18, random init)")
+    ap.add_argument('--no-e2e', action='store_true', help='skip the end-to-end epoch')
+    ap.add_argument('--dest', default=None, help='where to cache the data set (default: <tmp>/lessonlib_bench/planet_256_<n>)')
+    ap.add_argument('--threads', type=int, default=None,
+                    help='torch intra-op threads in the main process (default: torch\'s choice; workers always use 1). '
+                         'On a loaded machine 1 can be much faster: idle-waiting OpenMP threads stall small ops like the collate stack')
+    ap.add_argument('--quick', action='store_true', help='a smoke run: n=128, bs=32, 1 repeat')
+    args = ap.parse_args()
+    if args.quick: args.n, args.bs, args.repeats = min(args.n, 128), min(args.bs, 32), 1
+
+    if args.threads: torch.set_num_threads(args.threads)
+    load = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    print(f'{platform.node()}: {os.cpu_count()} CPUs, load average {load and " ".join(f"{x:.2f}" for x in load)}; '
+          f'torch {torch.__version__} ({torch.get_num_threads()} threads), Pillow {Image.__version__}')
+    dest = Path(args.dest) if args.dest else Path(tempfile.gettempdir())/'lessonlib_bench'/f'planet_{SRC}_{args.n}'
+    t = time.perf_counter()
+    path = make_planet(dest, n=args.n, size=SRC)
+    df = pd.read_csv(path/'train_v2.csv')
+    print(f'data: {len(df)} tiles of {SRC} px in {path} ({time.perf_counter() - t:.1f}s to make or find); '
+          f'bs {args.bs}, median of {args.repeats} passes after a warm-up\n')
+
+    naive_ds = NaiveDataset([path/'train-jpg'/f'{n}.jpg' for n in df.image_name], df.tags)
+    dls = {nw: planet_block()(path).dataloaders(df, bs=args.bs, device='cpu', num_workers=nw) for nw in args.workers}
+    diff = check_same_pixels(naive_ds, dls[args.workers[0]])
+
+    loaders = {}
+    for nw in args.workers:
+        loaders['naive: full decode + resize', nw] = torch.utils.data.DataLoader(
+            naive_ds, batch_size=args.bs, shuffle=True, drop_last=True, num_workers=nw)
+        loaders['presized: item pipeline only', nw] = dls[nw].train.new(batch_tfms=[])
+        loaders['presized + batch tfms (CPU)', nw] = dls[nw].train
+    res = images_per_s(loaders, args.repeats)
+    order = sorted(res, key=lambda k: (list(dict.fromkeys(n for n, _ in res)).index(k[0]), k[1]))
+    rows = [(name, nw, *res[name, nw]) for name, nw in order]
+    for name, nw, med, rates, n in rows:
+        print(f'  {name:30s} workers {nw}: {med:6.0f} img/s  (passes: {", ".join(f"{r:.0f}" for r in rates)}; {n} img/pass)')
+
+    print(f'\n{"path":30s} {"workers":>7s} {"img/s":>8s} {"vs naive":>9s} {"ms/img":>7s}')
+    base = {nw: med for name, nw, med, _, _ in rows if name.startswith('naive')}
+    for name, nw, med, _, _ in rows:
+        print(f'{name:30s} {nw:7d} {med:8.0f} {med / base[nw]:8.2f}x {1000 / med:7.2f}')
+    print(f'(mean |naive - presized| pixel difference on one image: {diff:.1f} / 255: draft decode, no resize vs full decode + resize (Pillow default: bicubic))')
+
+    if not args.no_e2e:
+        print(f'\nend to end: {args.arch} (random init) at {OUT} px, bs {args.bs}, Learner.fit(1) twice with fbeta, CPU')
+        res, n_trn, n_val = end_to_end(path, df, args.arch, args.bs, args.workers)
+        print(f'{n_trn} train + {n_val} valid images per epoch')
+        print(f'{"data":22s} {"epoch 1 s":>9s} {"epoch 2 s":>9s} {"train img/s":>11s}   metrics after epoch 2')
+        for k, (times, metrics) in res.items():
+            name = 'batches in memory' if k == 'in memory' else f'presized, workers {k}'
+            m = ', '.join(f'{a} {v:.4f}' for a, v in metrics.items())
+            print(f'{name:22s} {times[0]:9.2f} {times[-1]:9.2f} {n_trn / times[-1]:11.0f}   {m}')
+        print('(train img/s = training images / whole epoch time, validation included; "batches in memory" is the '
+              'model\'s share: the rest of an epoch is the data pipeline)')
+    load = os.getloadavg() if hasattr(os, 'getloadavg') else None
+    print(f'\nload average at the end: {load and " ".join(f"{x:.2f}" for x in load)}')
+
+
+if __name__ == '__main__':
+    main()
