@@ -29,6 +29,7 @@ def _pygments_css():
 
 
 CSS = """
+.badge{display:inline-block;background:#f9ab00;color:#fff;border-radius:3px;padding:.1rem .5rem;font-size:.85rem;font-weight:600}
 body{margin:0;font-family:-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;color:#212529;line-height:1.5;background:#fff}
 .layout{display:flex;min-height:100vh}
 nav.sidebar{width:250px;flex:none;background:#f4f6f8;border-right:1px solid #dde;padding:1rem;box-sizing:border-box;
@@ -265,6 +266,7 @@ def render_site(proc, out, site_prefix=None):
     try:
         for i, (rel, nbrel, title, desc, nb) in enumerate(loaded):
             body, res = exporter.from_notebook_node(nb)
+            body = offline_images(body)
             root = '../' * (len(rel.parts) - 1)
             dest = tmp/rel
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +288,17 @@ def render_site(proc, out, site_prefix=None):
     return [out/rel for rel, *_ in loaded]
 
 
-_REMOTE = re.compile(r'<(?:script|link|iframe)\b[^>]*\b(?:src|href)="(?:https?:)?//[^"]+"|@import\s+(?:url\()?["\']?(?:https?:)?//'
+_REMOTE_IMG = re.compile(r'<img\b[^>]*\bsrc="(?:https?:)?//[^"]*"[^>]*>', re.I)
+
+def offline_images(body: str) -> str:
+    "Replace images from the network (e.g. the Colab badge) by their alt text, so pages stay whole offline."
+    def _alt(m):
+        alt = re.search(r'alt="([^"]*)"', m.group(0))
+        return f'<span class="badge">{alt.group(1) if alt else "image"}</span>'
+    return _REMOTE_IMG.sub(_alt, body)
+
+
+_REMOTE = re.compile(r'<(?:script|link|iframe|img)\b[^>]*\b(?:src|href)="(?:https?:)?//[^"]+"|@import\s+(?:url\()?["\']?(?:https?:)?//'
                      r'|url\(["\']?(?:https?:)?//', re.I)
 
 

@@ -1,0 +1,69 @@
+"The `lessonlib planet` command end to end: the real planet_tiny chips, the built-in set, and its errors."
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+import pytest
+from lessonlib.core import data_dir
+
+LESSONLIB = shutil.which('lessonlib') or str(Path(sys.executable).parent/'lessonlib')
+
+
+def run(*args, env=None, timeout=900):
+    return subprocess.run([LESSONLIB, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, 'MPLBACKEND': 'Agg', **(env or {})})
+
+
+def check_outputs(out: Path):
+    for f in ('metrics.json', 'report.md', 'loss.png', 'lr_find.png', 'planet_export.pkl'):
+        assert (out/f).stat().st_size > 0, f
+    assert not list(out.glob('*.part')) and not list(out.glob('.*.part')), 'temporary files left behind'
+    return json.loads((out/'metrics.json').read_text())
+
+
+@pytest.mark.skipif(not (data_dir()/'planet_tiny'/'labels.csv').exists(),
+                    reason='planet_tiny is not in the data directory (set LESSONLIB_DATA to ../shared/data)')
+def test_planet_tiny_real_chips(tmp_path):
+    "The same command runs unchanged on the 200 real Planet chips."
+    r = run('planet', '--data', 'planet_tiny', '--size', '32', '--epochs', '1', '--out', str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = check_outputs(tmp_path)
+    assert m['images_train'] + m['images_valid'] == 200
+    assert 'primary' in m['tags'] and len(m['tags']) >= 13
+    assert 0 < m['f2'] <= 1 and m['f2'] >= m['f2_at_0.2'] - 1e-6   # the chosen threshold is the best one tried
+    assert len(m['history']) == 4                                     # 2 stages x 2 sizes x 1 epoch
+    assert 'F2' in r.stdout and 'epoch' in r.stdout
+
+
+def test_builtin_smoke(tmp_path):
+    "The default data path (built-in set) through the console script, kept small; it must learn something."
+    env = {'LESSONLIB_DATA': str(tmp_path/'data')}
+    r = run('planet', '--n', '400', '--size', '32', '--epochs', '2', '--no-progressive', '--out', str(tmp_path/'out'), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = check_outputs(tmp_path/'out')
+    assert m['sizes'] == [32] and len(m['history']) == 4
+    assert m['f2'] > m['f2_baseline_clear_primary'], m
+
+
+@pytest.mark.parametrize('args, msg', [
+    (['planet', '--epochs', '0'], 'must be greater than 0'),
+    (['planet', '--size', 'big'], "'big' is not a whole number"),
+    (['planet', '--arch', 'vgg16'], "invalid choice: 'vgg16'"),
+    (['planet', '--bogus'], 'unrecognized arguments: --bogus'),
+    (['nothing'], "invalid choice: 'nothing'"),
+])
+def test_bad_arguments_one_line(args, msg):
+    r = run(*args)
+    assert r.returncode == 2
+    assert r.stderr.count('\n') == 1 and msg in r.stderr and r.stderr.startswith('lessonlib: error:'), r.stderr
+
+
+def test_bad_data_folder_one_line(tmp_path):
+    r = run('planet', '--data', str(tmp_path), '--out', str(tmp_path/'out'))
+    assert r.returncode == 1 and r.stderr.count('\n') == 1, r.stderr
+    assert 'is not Planet data' in r.stderr and 'labels.csv + train/' in r.stderr
+    assert 'Traceback' not in r.stderr
+
+
+def test_help_lists_commands():
+    r = run('--help')
+    assert r.returncode == 0
+    for cmd in ('planet', 'data', 'version'): assert cmd in r.stdout
