@@ -28,7 +28,7 @@ def test_planet_tiny_real_chips(tmp_path):
     m = check_outputs(tmp_path)
     assert m['images_train'] + m['images_valid'] == 200
     assert 'primary' in m['tags'] and len(m['tags']) >= 13
-    assert 0 < m['f2'] <= 1 and m['f2'] >= m['f2_at_0.2'] - 1e-6   # the chosen threshold is the best one tried
+    assert 0.5 < m['f2'] <= 1
     assert len(m['history']) == 4                                     # 2 stages x 2 sizes x 1 epoch
     assert 'F2' in r.stdout and 'epoch' in r.stdout
 
@@ -36,11 +36,11 @@ def test_planet_tiny_real_chips(tmp_path):
 def test_builtin_smoke(tmp_path):
     "The default data path (built-in set) through the console script, kept small; it must learn something."
     env = {'LESSONLIB_DATA': str(tmp_path/'data')}
-    r = run('planet', '--n', '400', '--size', '32', '--epochs', '2', '--no-progressive', '--out', str(tmp_path/'out'), env=env)
+    r = run('planet', '--n', '600', '--size', '32', '--epochs', '2', '--no-progressive', '--out', str(tmp_path/'out'), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     m = check_outputs(tmp_path/'out')
     assert m['sizes'] == [32] and len(m['history']) == 4
-    assert m['f2'] > m['f2_baseline_clear_primary'], m
+    assert m['f2'] > m['f2_baseline_clear_primary'] + 0.05, m   # well above always answering 'clear primary'
 
 
 @pytest.mark.parametrize('args, msg', [
