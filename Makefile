@@ -11,4 +11,4 @@ test:  ## run CI locally: fresh venv, sync check, pytest, nbdev_test, docs
 	bash .ci/run
 
 export:  ## regenerate lessonlib/*.py from the notebooks and clean the notebooks
-	nbdev_export && nbdev_clean
+	nbdev_clean && nbdev_export && nbdev_clean
