@@ -249,3 +249,19 @@ def test_random_splitter_follows_set_seed():
     set_seed(3); a = RandomSplitter(0.3)(list(range(50)))
     set_seed(3); b = RandomSplitter(0.3)(list(range(50)))
     assert a == b and len(a[1]) == 15
+
+
+def test_mask_lines_up_with_a_large_jpeg(tmp_path):
+    "A big JPEG (which could be draft-decoded small) and its full-size mask must be cropped identically."
+    import numpy as np
+    from PIL import Image
+    img = np.zeros((512, 512, 3), np.uint8); img[100:200, 300:400] = 255
+    msk = np.zeros((512, 512), np.uint8); msk[100:200, 300:400] = 1
+    Image.fromarray(img).save(tmp_path/'a.jpg', quality=95); Image.fromarray(msk).save(tmp_path/'a_P.png')
+    Image.fromarray(img).save(tmp_path/'b.jpg', quality=95); Image.fromarray(msk).save(tmp_path/'b_P.png')
+    dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes=['bg', 'box'])), get_items=lambda p: sorted(p.glob('*.jpg')),
+                       get_y=lambda f: f.parent/f'{f.stem}_P.png', splitter=lambda items: ([0], [1]), item_tfms=Resize(64))
+    x, m = dblock.datasets(tmp_path).valid[0]
+    bright = x.float().mean(0) > 127
+    assert m.sum() > 100, 'the mask lost its box'
+    assert (bright == m.bool()).float().mean() > 0.98
