@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_loop.ipynb #98354d1c
 from __future__ import annotations
-import contextlib, difflib, math
+import contextlib, difflib, inspect, math
 import torch
 import torch.nn as nn
 from .core import default_device, listify, to_device
@@ -52,7 +52,7 @@ class CallbackError(ValueError):
 def check_callback(cb):
     "Return `cb`, or raise `CallbackError` if one of its methods looks like an event but is not one."
     for name in dir(cb):
-        if name.startswith('_') or name in EVENTS or not callable(getattr(cb, name, None)): continue
+        if name.startswith('_') or name in EVENTS or not callable(inspect.getattr_static(cb, name, None)): continue
         near = difflib.get_close_matches(name, EVENTS, n=1, cutoff=0.8)
         if near or name.startswith(('before_', 'after_', 'cleanup_')):
             hint = f'did you mean {near[0]!r}?' if near else f'the events are: {", ".join(EVENTS)}'

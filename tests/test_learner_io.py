@@ -3,7 +3,7 @@ import pickle
 import pytest, torch
 import pandas as pd
 from lessonlib.core import set_seed
-from lessonlib.synth import make_planet
+from lessonlib.synth.planet import make_planet
 from lessonlib.learner import load_learner
 from lessonlib.lessons.planet import planet_dls, planet_learner
 

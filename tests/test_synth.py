@@ -1,4 +1,4 @@
-"Tests for lessonlib.synth: determinism, and that a tiny CNN can really learn the painted tags."
+"Tests for lessonlib.synth.planet: determinism, and that a tiny CNN can really learn the painted tags."
 import time
 
 import numpy as np
@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from lessonlib.synth import PLANET_TAGS, make_planet, planet_tile
+from lessonlib.synth.planet import PLANET_TAGS, make_planet, planet_tile
 
 
 def _files(path):
@@ -82,3 +82,26 @@ def test_tiny_cnn_learns_it(tmp_path):
     print(f'F2 {f2:.3f} vs all "clear primary" {f2_base:.3f} in {time.time() - start:.0f}s')
     assert 0.55 < f2_base < 0.75, f2_base  # the painted set has Planet's label mix
     assert f2 > f2_base + 0.12, (f2, f2_base)
+
+
+def test_marker_unchanged_so_cached_sets_are_reused(tmp_path):
+    "The marker still holds exactly what it held before the move to lessonlib.synth: sets made earlier are reused."
+    from lessonlib.synth.core import MARKER, read_marker
+    p = make_planet(tmp_path/'p', n=3, size=32, seed=1)
+    assert read_marker(p) == {'version': 1, 'n': 3, 'size': 32, 'seed': 1, 'quality': 90}
+    (p/MARKER).write_text('{"version": 1, "n": 3, "size": 32, "seed": 1, "quality": 90}')   # as written before
+    mtime = (p/'train_v2.csv').stat().st_mtime_ns
+    assert make_planet(tmp_path/'p', n=3, size=32, seed=1) == p and (p/'train_v2.csv').stat().st_mtime_ns == mtime
+
+
+def test_failed_make_keeps_old_set(tmp_path):
+    "A set whose painting fails halfway leaves the previous set as it was, and no temporary folder."
+    from lessonlib.synth.core import make_synth, read_marker
+    p = make_planet(tmp_path/'p', n=3, size=32, seed=1)
+    before = _files(p)
+    def broken(folder):
+        (folder/'train_v2.csv').write_text('half')
+        raise OSError('disk full')
+    with pytest.raises(OSError, match='disk full'): make_synth(p, {'version': 1, 'n': 9}, broken, maker='make_planet')
+    assert _files(p) == before and read_marker(p)['n'] == 3
+    assert [o.name for o in tmp_path.iterdir()] == ['p']

@@ -18,12 +18,15 @@ from ..vision.data import ImageBlock, Resize
 from ..vision.augment import aug_transforms
 from ..vision.models import vision_learner
 from ..metrics import accuracy_thresh, fbeta
-from ..datasets import get_dataset, setup_lesson
-from ..synth import make_planet
+from ..datasets import get_dataset
+from ..kaggle import setup_lesson
+from ..synth.planet import make_planet
+from ..vision.models import ARCHS
+from ..registry import register_lesson
 
 # %% auto #0
 __all__ = ['PLANET_LAYOUTS', 'planet_source', 'planet_dls', 'planet_metrics', 'planet_learner', 'unfrozen_lrs', 'train_stages',
-           'best_threshold', 'baseline_f2', 'run_planet', 'planet_report']
+           'best_threshold', 'baseline_f2', 'run_planet', 'planet_report', 'planet_summary']
 
 # %% ../../nbs/lessons/01_planet.ipynb #64016f79
 PLANET_LAYOUTS = (('train_v2.csv', 'train-jpg'), ('labels.csv', 'train'))
@@ -116,7 +119,7 @@ def run_planet(data: str = 'synth', size: int = 32, epochs: int = 2, arch: str =
     thresh, f2, threshs, scores = best_threshold(probs, targs)
     learn.loss_func.thresh = thresh
     _plot_history(history); _save_fig(out/'loss.png')
-    results = {'data': str(path), 'images_train': len(dls.train_ds), 'images_valid': len(dls.valid_ds), 'tags': dls.vocab,
+    results = {'data': str(path), 'out': str(out), 'images_train': len(dls.train_ds), 'images_valid': len(dls.valid_ds), 'tags': dls.vocab,
                'arch': arch, 'pretrained': pretrained, 'sizes': sizes, 'epochs_per_stage': epochs,
                'lr': lr, 'lr_big': lr_big, 'threshold': thresh, 'f2': f2, 'f2_at_0.2': float(scores[np.argmin(abs(threshs - 0.2))]),
                'f2_baseline_clear_primary': baseline_f2(targs, dls.vocab), 'history': history}
@@ -148,3 +151,19 @@ def planet_report(r: dict) -> str:
             f"{r['f2_baseline_clear_primary']:.4f}). The threshold was chosen on the validation set, so this F2 is slightly "
             f"optimistic.\n\n| epoch | train loss | valid loss | F2 | time |\n|---|---|---|---|---|\n{rows}\n\n"
             f"![loss](loss.png) ![lr_find](lr_find.png)" + (" ![lr_find at the larger size](lr_find_big.png)" if r.get('lr_big') else '') + "\n")
+
+# %% ../../nbs/lessons/01_planet.ipynb #a596d610
+def planet_summary(r: dict) -> str:
+    "The line `lessonlib planet` prints at the end of a run."
+    return (f"F2 {r['f2']:.4f} at threshold {r['threshold']:.2f} (always 'clear primary': "
+            f"{r['f2_baseline_clear_primary']:.4f}); results in {Path(r['out']).resolve()}")
+
+register_lesson('planet', run_planet, 'train the Planet multi-label lesson end to end (the main job)',
+                option_help={'data': "'synth' (built in, no download), 'planet_tiny', 'planet' (the full Kaggle "
+                                     "competition data; 'kaggle' also works) or a folder in Planet layout",
+                             'size': 'first image size in pixels; then twice that',
+                             'epochs': 'epochs per training stage', 'arch': 'the ResNet body',
+                             'pretrained': "start from torchvision's ImageNet weights (a download)",
+                             'out': 'output folder', 'bs': 'batch size', 'seed': 'random seed',
+                             'n': 'images in the built-in set', 'progressive': 'train at --size only (no second, larger size)'},
+                types={'seed': int, 'out': str}, choices={'arch': ARCHS}, summary=planet_summary);
