@@ -28,11 +28,11 @@ from lessonlib.data import DataLoaders, DataBlock, MultiCategoryBlock, ColReader
 from lessonlib.vision.data import ImageBlock, Resize
 from lessonlib.vision.augment import aug_transforms
 from lessonlib.vision.models import simple_cnn, create_vision_model, vision_split
-from lessonlib.learner import Learner, one_group
+from lessonlib.learner import Learner
+from lessonlib.optim import one_group
 from lessonlib.callbacks import ProgressCallback
 from lessonlib.metrics import fbeta
-from lessonlib.losses import loss_for
-from lessonlib.synth import make_planet, PLANET_TAGS
+from lessonlib.synth.planet import make_planet, PLANET_TAGS
 
 SRC, OUT = 256, 128
 
@@ -98,7 +98,7 @@ def end_to_end(path, df, arch, bs, workers, epochs=2):
     else: model, splitter = create_vision_model(arch, len(d0.vocab), pretrained=False), vision_split
     def fit_times(data):
         learn = Learner(data, copy.deepcopy(model), metrics=[fbeta], splitter=splitter, device='cpu', lr=3e-3,
-                        loss_func=loss_for(d0.loss))
+                        loss_func=d0.loss_func())
         learn.cbs = [cb for cb in learn.cbs if not isinstance(cb, ProgressCallback)]
         times = []
         for _ in range(epochs):

@@ -11,7 +11,8 @@ import torch, torch.nn as nn, torch.nn.functional as F
 import torchvision
 from lessonlib.core import set_seed
 from lessonlib.data import DataLoaders
-from lessonlib.learner import Learner, adamw
+from lessonlib.learner import Learner
+from lessonlib.optim import adamw, one_group, param_groups
 
 
 def sync(device):
@@ -20,7 +21,7 @@ def sync(device):
 
 def plain_fit(model, batches, device, lr=1e-3):
     "The reference: the loop everybody writes by hand."
-    opt = adamw([{'params': list(model.parameters())}], lr=lr)
+    opt = adamw(param_groups(model, one_group(model)), lr=lr)   # the same groups: no weight decay on batch norm and biases
     model.train()
     for xb, yb in batches:
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)

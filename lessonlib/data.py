@@ -11,12 +11,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from .core import default_device, to_device, listify
+from .losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat, MSELossFlat
 
 # %% auto #0
-__all__ = ['DataError', 'describe', 'Row', 'is_dataframe', 'df_rows', 'get_files', 'RandomSplitter', 'item_name', 'FileSplitter',
-           'FuncSplitter', 'GrandparentSplitter', 'ColSplitter', 'is_missing', 'ColReader', 'parent_label',
-           'RegexLabeller', 'Transform', 'sort_tfms', 'compose_tfms', 'Block', 'CategoryBlock', 'MultiCategoryBlock',
-           'RegressionBlock', 'Datasets', 'SplitDataset', 'TfmdDL', 'DataLoaders', 'DataBlock']
+__all__ = ['IMAGE', 'MASK', 'POINTS', 'TEXT', 'SPATIAL', 'DataError', 'describe', 'Row', 'is_dataframe', 'df_rows', 'get_files',
+           'RandomSplitter', 'item_name', 'FileSplitter', 'FuncSplitter', 'GrandparentSplitter', 'ColSplitter',
+           'is_missing', 'ColReader', 'parent_label', 'RegexLabeller', 'Transform', 'sort_tfms', 'compose_tfms',
+           'Block', 'CategoryBlock', 'MultiCategoryBlock', 'RegressionBlock', 'Datasets', 'SplitDataset', 'TfmdDL',
+           'DataLoaders', 'loader_type', 'DataBlock']
 
 # %% ../nbs/01_data.ipynb #f7e66b87
 class DataError(Exception):
@@ -24,10 +26,9 @@ class DataError(Exception):
 
 # %% ../nbs/01_data.ipynb #08461657
 def describe(o, n=80) -> str:
-    "A short human description of an item or value: a row, a path, a tensor's shape, an image's size."
+    "A short human description of an item or value: a row, a path, a tensor's shape (see also `Block.describe`)."
     if isinstance(o, Row): return f'row {o.pos} (index {o.name!r}) of the label table'
     if isinstance(o, torch.Tensor): return f'Tensor{list(o.shape)} {str(o.dtype).replace("torch.", "")}'
-    if hasattr(o, 'size') and hasattr(o, 'mode') and hasattr(o, 'getpixel'): return f'PIL image {o.mode} {o.size[0]}x{o.size[1]}'
     s = str(o) if isinstance(o, Path) else repr(o)
     return s if len(s) <= n else s[:n - 3] + '...'
 
@@ -161,6 +162,10 @@ class RegexLabeller:
         if m is None: raise DataError(f'RegexLabeller: pattern {self.pat.pattern!r} does not match {s!r}; fix the pattern or the file name')
         return m.group(1)
 
+# %% ../nbs/01_data.ipynb #d16c6226
+IMAGE, MASK, POINTS, TEXT = 'image', 'mask', 'points', 'text'
+SPATIAL = (IMAGE, MASK, POINTS)
+
 # %% ../nbs/01_data.ipynb #328c7e3d
 class Transform:
     "An item or batch transform: `tfm(xs, kinds, train)` returns the transformed tuple `xs`."
@@ -183,22 +188,43 @@ def compose_tfms(xs, kinds, tfms, train=False):
 
 # %% ../nbs/01_data.ipynb #ccae0a13
 class Block:
-    "One element of a sample: read, encode, collate, augment (`kind`), decode, show; base = a plain tensor."
-    kind, loss, vocab, needs_setup = None, None, None, False
+    "One element of a sample: read, encode, collate, augment (`kind`), decode, show, loss; base = a plain tensor."
+    kind, vocab, needs_setup = None, None, False
     item_tfms, batch_tfms = (), ()
+    exact_size = False                # True: every element of the item is read at its stored size (they line up)
+    dl_type, dl_kwargs = None, None   # the loader class this block needs (None: TfmdDL), its extra arguments
     def setup(self, train_values, valid_values=()): pass
-    def read(self, o, size=None): return o
+    def size_hint(self, item_tfms):
+        "The size this block may read at, from the item transforms (None: as stored)."
+        return None
+    def read(self, o, size=None):
+        "The raw value `o` (from the getter) ready for the item transforms; `size`: the size hint, if any."
+        return o
+    def after_read(self, x, xs, kinds):
+        "Value `x` once all elements `xs` (of `kinds`) of the item are read; may use the others."
+        return x
     def encode(self, o):
+        "The read (and transformed) value as a tensor."
         t = torch.as_tensor(o)
         return t.float() if t.is_floating_point() else t
     def collate(self, xs):
+        "One batch tensor from the tensors `xs` of the items."
         shapes = {tuple(x.shape) for x in xs}
         if len(shapes) > 1:
             raise DataError(f'{type(self).__name__}.collate: the items of a batch have different shapes {sorted(shapes)}; '
                             'give them one size (for images: item_tfms=Resize(size))')
         return torch.stack(list(xs))
     def decode(self, t): return t
+    def describe(self, x) -> str:
+        "A short description of a read value, for `DataBlock.summary`."
+        return describe(x)
+    def is_raw(self, o) -> bool:
+        "True when test item `o` is already a raw value for this block (a file name, a tensor), not a table row."
+        return isinstance(o, (str, Path, torch.Tensor))
     def show(self, t, ax, **kwargs): _add_title(ax, describe(t) if t.ndim else f'{t.item():.3g}')
+    def loss_func(self):
+        "A new loss module for this block as a target, or None when there is no default."
+        return None
     @property
     def c(self): return None if self.vocab is None else len(self.vocab)
     def __repr__(self): return type(self).__name__
@@ -216,7 +242,7 @@ def _uniq(vals) -> list:
 
 class CategoryBlock(Block):
     "A single label per item; the vocabulary is the sorted labels of the training split; target = class index."
-    loss, needs_setup = 'cross_entropy', True
+    needs_setup = True
     def __init__(self, vocab=None):
         self.vocab = None if vocab is None else list(vocab)
         self.o2i = None if vocab is None else {v: i for i, v in enumerate(self.vocab)}
@@ -238,11 +264,14 @@ class CategoryBlock(Block):
         t = torch.as_tensor(t)
         return self.vocab[int(t.argmax() if t.ndim else t)]
     def show(self, t, ax, **kwargs): _add_title(ax, str(self.decode(t)))
+    def loss_func(self):
+        "Cross-entropy over the classes (softmax, argmax)."
+        return CrossEntropyLossFlat()
 
 # %% ../nbs/01_data.ipynb #8234b9c5
 class MultiCategoryBlock(Block):
     "Zero or more labels per item; vocabulary from the training split; target = one-hot float row."
-    loss, needs_setup = 'bce', True
+    needs_setup = True
     def __init__(self, vocab=None, thresh=0.5):
         self.vocab, self.thresh = (None if vocab is None else list(vocab)), thresh
         self.o2i = None if vocab is None else {v: i for i, v in enumerate(self.vocab)}
@@ -264,22 +293,22 @@ class MultiCategoryBlock(Block):
         return t
     def decode(self, t): return [self.vocab[i] for i in torch.nonzero(torch.as_tensor(t) > self.thresh).flatten().tolist()]
     def show(self, t, ax, **kwargs): _add_title(ax, ';'.join(self.decode(t)))
+    def loss_func(self):
+        "Binary cross-entropy per label (sigmoid, decoded at `thresh`)."
+        return BCEWithLogitsLossFlat(thresh=self.thresh)
 
 # %% ../nbs/01_data.ipynb #b5f41e82
 class RegressionBlock(Block):
-    "Float targets (one number or a vector per item); loss 'mse'."
-    loss = 'mse'
+    "Float targets (one number or a vector per item); loss `MSELossFlat`."
     def __init__(self, n_out=None): self.n_out = n_out
     def encode(self, o): return torch.as_tensor(o, dtype=torch.float32)
+    def loss_func(self):
+        "Mean squared error."
+        return MSELossFlat()
     @property
     def c(self): return self.n_out
 
 # %% ../nbs/01_data.ipynb #bed39e94
-def _draft_size(tfms):
-    "The size the image decoder may reduce to (from item transforms with `draft_size`), else None."
-    sizes = [t.draft_size for t in tfms if getattr(t, 'draft_size', None)]
-    return (max(s[0] for s in sizes), max(s[1] for s in sizes)) if sizes else None
-
 class Datasets:
     "Items, their train/valid split and the per-item pipeline: getters → `Block.read` → item transforms → `Block.encode`."
     def __init__(self, items, splits, blocks, getters, item_tfms=(), n_inp=1):
@@ -295,25 +324,30 @@ class Datasets:
     def sample(self, item, train=False, n=None, skip_getters=False, trace=None):
         "Run item `item` through the pipeline; `n` = how many elements (inputs only: `n_inp`)."
         n = len(self.blocks) if n is None else n
-        step = 'get'
+        blocks, kinds, step = self.blocks[:n], self.kinds[:n], 'get'
         try:
+            # A block may read reduced (its size_hint) only when nothing must line up with the stored size.
+            exact = any(b.exact_size for b in blocks)
             xs = []
-            # Images may be decoded at reduced size (JPEG draft mode) only when nothing else must line up with them:
-            # masks and points are read at full size, and one crop box serves every element of the item.
-            draft = None if any(k in ('mask', 'points') for k in self.kinds[:n]) else _draft_size(self.item_tfms)
-            for i, (b, g) in enumerate(zip(self.blocks[:n], self.getters)):
+            for i, (b, g) in enumerate(zip(blocks, self.getters)):
                 step = f'get_{"x" if i < self.n_inp else "y"} ({describe(g, 40)})'
                 raw = item if (g is None or skip_getters) else g(item)
                 step = f'{b!r}.read'
-                xs.append(b.read(raw, size=draft))
-                if trace is not None: trace.append((f'get + {b!r}.read', describe(xs[-1])))
-            xs, kinds = tuple(xs), self.kinds[:n]
+                xs.append(b.read(raw, size=None if exact else b.size_hint(self.item_tfms)))
+                if trace is not None: trace.append((f'get + {b!r}.read', b.describe(xs[-1])))
+            read = tuple(xs)
+            for i, b in enumerate(blocks):
+                step = f'{b!r}.after_read'
+                xs[i] = b.after_read(read[i], read, kinds)
+                if trace is not None and xs[i] is not read[i]: trace.append((step, b.describe(xs[i])))
+            xs = tuple(xs)
             for t in self.item_tfms:
                 step = f'item transform {t!r}'
                 xs = t(xs, kinds, train)
-                if trace is not None: trace.append((step, ', '.join(describe(x) for x in xs)))
+                if trace is not None:
+                    trace.append((step, ', '.join(b.describe(x) for b, x in zip(blocks, xs))))
             res = []
-            for b, x in zip(self.blocks, xs):
+            for b, x in zip(blocks, xs):
                 step = f'{b!r}.encode'; res.append(b.encode(x))
             return tuple(res)
         except Exception as e:
@@ -379,11 +413,13 @@ class TfmdDL:
 
     def one_batch(self): return next(iter(self))
     def to(self, device): self.device = torch.device(device); return self
-    def new(self, dataset=None, **kwargs):
-        "A copy with another dataset and/or other settings (`bs`, `batch_tfms`, ...)."
-        args = dict(bs=self.bs, shuffle=self.shuffle, drop_last=self.drop_last, batch_tfms=self.batch_tfms,
+    def init_args(self) -> dict:
+        "The arguments that rebuild this loader; a subclass with arguments of its own adds them."
+        return dict(bs=self.bs, shuffle=self.shuffle, drop_last=self.drop_last, batch_tfms=self.batch_tfms,
                     device=self.device, num_workers=self.num_workers, pin_memory=self.pin_memory)
-        return TfmdDL(self.dataset if dataset is None else dataset, **{**args, **kwargs})
+    def new(self, dataset=None, **kwargs):
+        "A loader of the same type with another dataset and/or other settings (`bs`, `batch_tfms`, ...)."
+        return type(self)(self.dataset if dataset is None else dataset, **{**self.init_args(), **kwargs})
     def __repr__(self): return f'TfmdDL({self.dataset!r}, bs={self.bs}, {len(self)} batches)'
 
 # %% ../nbs/01_data.ipynb #41e597c6
@@ -425,8 +461,10 @@ class DataLoaders:
     def vocab(self): return getattr(self._target_block(), 'vocab', None)
     @property
     def c(self): return getattr(self._target_block(), 'c', None)
-    @property
-    def loss(self): return getattr(self._target_block(), 'loss', None)
+    def loss_func(self):
+        "A new loss configured by the target block (`Block.loss_func`), or None (no target or no default)."
+        b = self._target_block()
+        return None if b is None else b.loss_func()
 
     def decode_target(self, t):
         "Target `t` of one item (class index, or multi-hot row) → its human label(s)."
@@ -498,6 +536,12 @@ def _with_size(tfm, size):
     t = copy.copy(tfm); t.size = _hw(size)
     return t
 
+def loader_type(blocks, dl_type=None):
+    "The loader class and its extra arguments: `dl_type` if given, else the first block's that asks, else TfmdDL."
+    if dl_type is not None: return dl_type, {}
+    b = next((b for b in blocks if b.dl_type is not None), None)
+    return (TfmdDL, {}) if b is None else (b.dl_type, dict(b.dl_kwargs or {}))
+
 class DataBlock:
     "The recipe from a source to `DataLoaders`: blocks, items, split, getters, item and batch transforms."
     def __init__(self, blocks=(Block, CategoryBlock), get_items=None, splitter=None, get_x=None, get_y=None,
@@ -554,14 +598,18 @@ class DataBlock:
                 raise DataError(f'Step get + {b!r}.read (setup) failed on {describe(items[i])}: {type(e).__name__}: {e}') from e
         return vals
 
-    def dataloaders(self, source, bs=64, val_bs=None, shuffle=True, device=None, num_workers=0, pin_memory=False) -> DataLoaders:
+    def dataloaders(self, source, bs=64, val_bs=None, shuffle=True, device=None, num_workers=0,
+                    pin_memory=False, dl_type=None, dl_kwargs=None) -> DataLoaders:
         "`DataLoaders` for `source`: training batches shuffled (last partial one dropped), validation in order."
         dsets = self.datasets(source)
         if len(dsets.train) < bs:
-            warnings.warn(f'DataBlock: only {len(dsets.train)} training items for bs={bs}: the training loader has no full batch; lower bs')
-        kw = dict(batch_tfms=self.batch_tfms, num_workers=num_workers, pin_memory=pin_memory)
-        trn = TfmdDL(dsets.train, bs, shuffle=shuffle, drop_last=shuffle, **kw)
-        val = TfmdDL(dsets.valid, val_bs or bs, **kw)
+            warnings.warn(f'DataBlock: only {len(dsets.train)} training items for bs={bs}: '
+                          'the training loader has no full batch; lower bs')
+        cls, kw = loader_type(dsets.blocks, dl_type)
+        kw = dict(kw, batch_tfms=self.batch_tfms, num_workers=num_workers, pin_memory=pin_memory)
+        kw.update(dl_kwargs or {})
+        trn = cls(dsets.train, bs, shuffle=shuffle, drop_last=shuffle, **kw)
+        val = cls(dsets.valid, val_bs or bs, **kw)
         return DataLoaders(trn, val, device=device or default_device())
 
     def summary(self, source, bs=4, device='cpu'):
@@ -576,6 +624,9 @@ class DataBlock:
             dsets = self._datasets(items, (trn, val))
             for b in dsets.blocks:
                 if b.vocab is not None: say(f'{b!r} vocab ({len(b.vocab)}): {describe(b.vocab, 100)}')
+            y = dsets.blocks[-1] if len(dsets.blocks) > dsets.n_inp else None
+            if y is not None: say(f'loss (target {y!r}): {y.loss_func()!r}')
+            say(f'loader: {loader_type(dsets.blocks)[0].__name__}')
             item = items[trn[0]]
             step = 'first training item'; say(f'item: {item!r}' if isinstance(item, Row) else f'item: {describe(item)}')
             trace = []
@@ -595,10 +646,8 @@ class DataBlock:
 
 # %% ../nbs/01_data.ipynb #76c29e8f
 def _skip_x_getter(dsets, items) -> bool:
-    "True when test items are already raw inputs (files, images, tensors) and the x getter reads table columns."
-    g = dsets.getters[0]
-    raw = all(isinstance(o, (str, Path, torch.Tensor)) or hasattr(o, 'getpixel') for o in items)
-    return raw and isinstance(g, ColReader)
+    "True when test items are raw inputs of the first block (`Block.is_raw`) and the x getter reads table columns."
+    return isinstance(dsets.getters[0], ColReader) and all(dsets.blocks[0].is_raw(o) for o in items)
 
 # %% ../nbs/01_data.ipynb #a9648cb8
 def _resized(itfms, btfms, size):

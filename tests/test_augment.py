@@ -5,9 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lessonlib.vision.augment import (AffineAug, Lighting, Normalize, IntToFloat, aug_transforms, apply_mats, make_grid,
-                                      dihedral_mats, flip_mats, rotate_mats, zoom_mats, warp_mats, homography,
-                                      pixel_affine_mats, transform_points, eye_mats, imagenet_stats)
+from lessonlib.data import IMAGE, MASK, POINTS
+from lessonlib.vision.augment import (AffineAug, Lighting, aug_transforms, apply_mats, make_grid, dihedral_mats, flip_mats,
+                                      rotate_mats, zoom_mats, warp_mats, homography, pixel_affine_mats, transform_points,
+                                      eye_mats)
+from lessonlib.vision.data import Normalize, IntToFloat, imagenet_stats, Resize, points_to_norm, points_to_pixels
 
 TF = pytest.importorskip('torchvision.transforms.v2.functional')
 
@@ -39,7 +41,7 @@ def test_masks_match_torchvision_nearest():
     torch.manual_seed(1)
     m = torch.randint(0, 5, (2, 20, 30))
     mats = pixel_affine_mats(torch.stack([tv_matrix(25., [2., -1.], 1.1), tv_matrix(-60., [0., 3.], 0.9)]), 20, 30)
-    ours = apply_mats(m, mats, kind='mask', pad_mode='zeros')
+    ours = apply_mats(m, mats, kind=MASK, pad_mode='zeros')
     assert ours.dtype == torch.int64
     for i, p in enumerate([(25., [2., -1.], 1.1), (-60., [0., 3.], 0.9)]):
         ref = TF.affine(m[i][None].float(), angle=p[0], translate=p[1], scale=p[2], shear=[0., 0.],
@@ -59,7 +61,7 @@ def test_dihedral_gives_the_8_symmetries_exactly():
 def test_flip_vert_draws_all_8_per_item():
     torch.manual_seed(0)
     x = torch.rand(1, 1, 6, 6).expand(200, 1, 6, 6).contiguous()
-    out, = AffineAug(flip_vert=True, max_rotate=0., max_zoom=1., max_warp=0.)((x,), ('image',), train=True)
+    out, = AffineAug(flip_vert=True, max_rotate=0., max_zoom=1., max_warp=0.)((x,), (IMAGE,), train=True)
     syms = [torch.rot90(b, r, (-2, -1)) for b in (x[0], x[0].transpose(-1, -2)) for r in range(4)]
     ids = [next(j for j, s in enumerate(syms) if torch.allclose(o, s, atol=1e-5)) for o in out]
     assert set(ids) == set(range(8))                          # per-item random: all 8 in one batch
@@ -107,7 +109,7 @@ def test_image_mask_points_move_together():
     img[:, :, 20:30, 36:46] = 1.; msk[:, 20:30, 36:46] = 2
     pt = torch.tensor([[[(41 * 2) / hw - 1, (25 * 2) / hw - 1]]]).expand(n, 1, 2)
     aug = AffineAug(flip_vert=True, max_rotate=45., max_zoom=1.4, max_warp=0.3, p_affine=1., pad_mode='zeros')
-    oi, om, op = aug((img, msk, pt), ('image', 'mask', 'points'), train=True)
+    oi, om, op = aug((img, msk, pt), (IMAGE, MASK, POINTS), train=True)
     assert set(om.unique().tolist()) <= {0, 2}
     for i in range(n):
         ys, xs = torch.nonzero(om[i], as_tuple=True)
@@ -120,16 +122,16 @@ def test_image_mask_points_move_together():
 def test_affine_aug_validation_and_size():
     x = torch.rand(4, 3, 40, 60)
     aug = AffineAug(max_warp=0.2)
-    assert aug((x,), ('image',), train=False)[0] is x
-    out, = AffineAug(size=(20, 30))((x,), ('image',), train=False)
+    assert aug((x,), (IMAGE,), train=False)[0] is x
+    out, = AffineAug(size=(20, 30))((x,), (IMAGE,), train=False)
     assert torch.allclose(out, F.interpolate(x, size=(20, 30), mode='bilinear', align_corners=False), atol=1e-5)
-    assert AffineAug(size=32)((x,), ('image',), train=True)[0].shape == (4, 3, 32, 32)
+    assert AffineAug(size=32)((x,), (IMAGE,), train=True)[0].shape == (4, 3, 32, 32)
 
 
 def test_per_item_parameters_differ():
     torch.manual_seed(0)
     x = torch.rand(1, 3, 32, 32).expand(8, 3, 32, 32).contiguous()
-    out, = AffineAug(do_flip=False, max_rotate=30., max_zoom=1.3, max_warp=0.2, p_affine=1.)((x,), ('image',), train=True)
+    out, = AffineAug(do_flip=False, max_rotate=30., max_zoom=1.3, max_warp=0.2, p_affine=1.)((x,), (IMAGE,), train=True)
     d = (out[:, None] - out[None]).abs().flatten(2).mean(-1)
     assert (d + torch.eye(8) > 1e-3).all()
 
@@ -137,17 +139,17 @@ def test_per_item_parameters_differ():
 def test_lighting_and_normalize():
     torch.manual_seed(0)
     x = torch.rand(64, 3, 16, 16)
-    y, = Lighting(0.2, p=1.)((x,), ('image',), train=True)
+    y, = Lighting(0.2, p=1.)((x,), (IMAGE,), train=True)
     assert 0 <= y.min() and y.max() <= 1 and not torch.allclose(x, y)
     # brightness/contrast are per item: the pixel order within an item is kept (monotonic map)
     i = 5
     assert torch.equal(x[i].flatten().argsort(), y[i].flatten().argsort()) or \
            torch.equal(x[i].flatten().argsort(), y[i].flatten().argsort().flip(0))
-    assert torch.allclose(Lighting(0.2, p=0.)((x,), ('image',), train=True)[0], x, atol=1e-4)
+    assert torch.allclose(Lighting(0.2, p=0.)((x,), (IMAGE,), train=True)[0], x, atol=1e-4)
     n = Normalize.from_stats(*imagenet_stats)
-    z, = n((y,), ('image',))
+    z, = n((y,), (IMAGE,))
     assert torch.allclose(z[:, 2], (y[:, 2] - 0.406) / 0.225, atol=1e-6)
-    assert torch.allclose(n.decode((z,), ('image',))[0], y, atol=1e-6)
+    assert torch.allclose(n.decode((z,), (IMAGE,))[0], y, atol=1e-6)
 
 
 def test_pipeline_order_and_lesson_parameters():
@@ -162,12 +164,50 @@ def test_speed_cpu_batch():
     torch.manual_seed(0)
     xb = torch.rand(64, 3, 128, 128)
     tfms = aug_transforms(flip_vert=True, max_lighting=0.1, max_zoom=1.05, max_warp=0.2)
-    for t in tfms: t((xb[:2],), ('image',), train=True)
+    for t in tfms: t((xb[:2],), (IMAGE,), train=True)
     t0 = time.perf_counter()
-    for t in tfms: xb, = t((xb,), ('image',), train=True)
+    for t in tfms: xb, = t((xb,), (IMAGE,), train=True)
     dt = time.perf_counter() - t0
     print(f'augmenting 64x3x128x128 on the CPU: {dt * 1e3:.0f} ms')
     assert dt < 3.0
+
+
+def _dot(w, h, x, y):
+    import numpy as np
+    from PIL import Image
+    a = np.zeros((h, w), np.uint8); a[y - 1:y + 2, x - 1:x + 2] = 255
+    return Image.fromarray(a)
+
+def _centroid(a):
+    ys, xs = torch.meshgrid(torch.arange(a.shape[0]), torch.arange(a.shape[1]), indexing='ij')
+    return torch.stack([(a * xs).sum(), (a * ys).sum()]) / a.sum()
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_points_mark_the_same_pixel_after_resize_and_affine(seed):
+    "A dot drawn at a known pixel and its point go through Resize (crop/squish/pad) + a random AffineAug together."
+    import random
+    import numpy as np
+    random.seed(seed); torch.manual_seed(seed)
+    H, W = 48, 64
+    ims, pts = [], []
+    for method in ('crop', 'squish', 'pad'):
+        for w, h in [(96, 64), (60, 120), (80, 80)]:
+            for _ in range(6):
+                x, y = random.randrange(2, w - 2), random.randrange(2, h - 2)
+                im, p = Resize((H, W), method)((_dot(w, h, x, y), points_to_norm([[x, y]], w, h)), (IMAGE, POINTS), True)
+                ims.append(torch.from_numpy(np.array(im)).float()[None] / 255); pts.append(p)
+    aug = AffineAug(flip_vert=True, max_rotate=45., min_zoom=0.9, max_zoom=1.4, max_warp=0.3, p_affine=1., pad_mode='zeros')
+    p0 = torch.stack(pts)
+    oi, op = aug((torch.stack(ims), p0), (IMAGE, POINTS), train=True)
+    errs, outside = [], 0
+    inside = lambda q: bool((q >= 3).all() and q[0] <= W - 4 and q[1] <= H - 4)      # the whole dot is in the picture
+    for im, p, pr in zip(oi, op, p0):
+        q = points_to_pixels(p[0], W, H)
+        if inside(q) and inside(points_to_pixels(pr[0], W, H)): errs.append(float((q - _centroid(im[0])).norm()))
+        elif (q < -3).any() or q[0] > W + 2 or q[1] > H + 2:             # kept, outside [-1, 1]; the dot is gone too
+            assert p.abs().max() > 1 and im.max() < 0.1; outside += 1
+    print(f'seed {seed}: {len(errs)} points inside, {outside} outside; error mean {np.mean(errs):.2f} px, max {max(errs):.2f} px')
+    assert len(errs) >= 20 and max(errs) < 0.4       # a half-pixel convention slip would show
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -179,5 +219,5 @@ def test_gpu_matches_cpu():
     gpu = apply_mats(x.cuda(), m.cuda())
     assert gpu.device.type == 'cuda' and torch.allclose(cpu, gpu.cpu(), atol=1e-4)
     out = x.cuda()
-    for t in [IntToFloat(), *aug_transforms(), Normalize()]: out, = t((out,), ('image',), train=True)
+    for t in [IntToFloat(), *aug_transforms(), Normalize()]: out, = t((out,), (IMAGE,), train=True)
     assert out.device.type == 'cuda' and out.shape == x.shape

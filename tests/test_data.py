@@ -12,8 +12,10 @@ matplotlib.use('Agg')
 
 from lessonlib.core import data_dir, set_seed
 from lessonlib.data import (DataBlock, DataError, ColReader, RandomSplitter, GrandparentSplitter, FileSplitter, ColSplitter,
-                            CategoryBlock, MultiCategoryBlock, parent_label, RegexLabeller)
-from lessonlib.vision.data import ImageBlock, MaskBlock, Resize, RandomResizedCrop, get_image_files, open_image, ImageDataLoaders
+                            CategoryBlock, MultiCategoryBlock, parent_label, RegexLabeller, Block, TfmdDL, IMAGE, MASK, POINTS)
+from lessonlib.losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat, MSELossFlat
+from lessonlib.vision.data import (ImageBlock, MaskBlock, PointBlock, Resize, RandomResizedCrop, get_image_files, open_image,
+                                   ImageDataLoaders, points_to_norm, points_to_pixels)
 from lessonlib.vision.augment import aug_transforms
 
 
@@ -41,7 +43,8 @@ def test_planet_lesson_pipeline(planet):
     dls = planet_block(planet).dataloaders(df, bs=64, device='cpu')
     trn_rows = dls.train_ds.items
     expected_vocab = sorted({t for r in trn_rows for t in r['tags'].split(' ')})
-    assert dls.vocab == expected_vocab and dls.c == len(expected_vocab) and dls.loss == 'bce'
+    assert dls.vocab == expected_vocab and dls.c == len(expected_vocab)
+    assert isinstance(dls.loss_func(), BCEWithLogitsLossFlat) and dls.loss_func() is not dls.loss_func()
     assert (len(dls.train_ds), len(dls.valid_ds)) == (160, 40)
     assert (len(dls.train), len(dls.valid)) == (160 // 64, 1)
     xb, yb = dls.one_batch()
@@ -73,7 +76,7 @@ def test_planet_lesson_pipeline(planet):
 def test_planet_shortcut_from_csv(planet):
     dls = ImageDataLoaders.from_csv(planet, folder='train', suff='.jpg', label_delim=' ', seed=42,
                                     item_tfms=Resize(64), bs=32, device='cpu')
-    assert dls.loss == 'bce' and dls.one_batch()[0].shape == (32, 3, 64, 64)
+    assert isinstance(dls.loss_func(), BCEWithLogitsLossFlat) and dls.one_batch()[0].shape == (32, 3, 64, 64)
 
 
 def test_train_shuffles_and_drops_last(planet):
@@ -104,7 +107,7 @@ def test_new_empty_pickles_and_predicts(planet):
     dls = DataBlock(blocks=(ImageBlock, MultiCategoryBlock), get_x=ColReader(0, pref=planet/'train', suff='.jpg'),
                     get_y=planet_label, splitter=RandomSplitter(seed=0), item_tfms=Resize(64)).dataloaders(df, bs=16, device='cpu')
     empty = pickle.loads(pickle.dumps(dls.new_empty()))
-    assert len(empty.train_ds) == 0 and empty.vocab == dls.vocab and empty.loss == 'bce'
+    assert len(empty.train_ds) == 0 and empty.vocab == dls.vocab and isinstance(empty.loss_func(), BCEWithLogitsLossFlat)
     f = planet/'train'/f'{df.image_name[0]}.jpg'
     assert torch.allclose(next(iter(empty.test_dl([f])))[0], next(iter(dls.test_dl([f])))[0])
     lam = DataBlock(blocks=(ImageBlock, MultiCategoryBlock), get_x=ColReader(0, pref=planet/'train', suff='.jpg'),
@@ -191,7 +194,7 @@ def test_hymenoptera_folders_and_draft_mode():
 def test_mnist_tiny_folder_and_csv():
     mn = _need('mnist_tiny')
     dls = ImageDataLoaders.from_folder(mn, bs=64, device='cpu')
-    assert dls.vocab == ['3', '7'] and dls.loss == 'cross_entropy'
+    assert dls.vocab == ['3', '7'] and isinstance(dls.loss_func(), CrossEntropyLossFlat)
     assert (len(dls.train_ds), len(dls.valid_ds)) == (709, 699) and len(dls.train) == 709 // 64
     xb, yb = dls.one_batch()
     assert xb.shape == (64, 3, 28, 28) and yb.dtype == torch.int64
@@ -213,7 +216,8 @@ def test_camvid_masks_move_with_images():
                        get_y=partial(_camvid_label, cv), splitter=FileSplitter(cv/'valid.txt'),
                        item_tfms=Resize((96, 128)), batch_tfms=aug_transforms(max_rotate=20., max_warp=0.2, p_affine=1.))
     dls = dblock.dataloaders(cv, bs=8, device='cpu')
-    assert (len(dls.train_ds), len(dls.valid_ds)) == (85, 15) and dls.c == 32 and dls.loss == 'cross_entropy'
+    assert (len(dls.train_ds), len(dls.valid_ds)) == (85, 15) and dls.c == 32
+    assert dls.loss_func().ignore_index == -100 and dls.loss_func().axis == 1           # no void given: all pixels count
     set_seed(0)
     xb, mb = dls.one_batch()
     assert xb.shape == (8, 3, 96, 128) and mb.shape == (8, 96, 128) and mb.dtype == torch.int64
@@ -265,3 +269,76 @@ def test_mask_lines_up_with_a_large_jpeg(tmp_path):
     bright = x.float().mean(0) > 127
     assert m.sum() > 100, 'the mask lost its box'
     assert (bright == m.bool()).float().mean() > 0.98
+
+
+def test_camvid_void_is_ignored_by_the_loss():
+    cv = _need('camvid_tiny')
+    codes = (cv/'codes.txt').read_text().split()
+    dls = DataBlock(blocks=(ImageBlock, MaskBlock(codes, void='auto')), get_items=partial(get_image_files, folders='images'),
+                    get_y=partial(_camvid_label, cv), splitter=FileSplitter(cv/'valid.txt'),
+                    item_tfms=Resize((96, 128))).dataloaders(cv, bs=4, device='cpu')
+    void = codes.index('Void')
+    lf = dls.loss_func()
+    assert lf.ignore_index == void == dls.valid_ds.dsets.blocks[1].void_code
+    _, m = next(iter(dls.valid))
+    assert (m == void).any(), 'expected some Void pixels in the first validation masks'
+    torch.manual_seed(0)
+    out = torch.randn(m.shape[0], 32, *m.shape[1:])
+    keep = m != void                                                   # by hand: cross-entropy over non-void pixels only
+    hand = torch.nn.functional.cross_entropy(out.permute(0, 2, 3, 1)[keep], m[keep])
+    assert torch.allclose(lf(out, m), hand, atol=1e-6)
+    assert pickle.loads(pickle.dumps(dls.new_empty())).loss_func().ignore_index == void
+
+
+def _biwi_centre(path, f):
+    return pd.read_csv(path/'centers.csv').set_index('file').loc[f.name, ['c0', 'c1']].to_numpy(dtype=float)
+
+def test_biwi_points_are_normalised_once_and_follow_resize():
+    bw = _need('biwi_sample')
+    files = sorted((bw/'images').glob('*.jpg'), key=lambda f: int(f.stem))
+    get_y = partial(_biwi_centre, bw)
+    blocks = (ImageBlock, PointBlock(order='yx', n_points=1))
+    same = DataBlock(blocks=blocks, get_y=get_y, splitter=lambda items: ([0, 1, 2], [3, 4, 5]),
+                     item_tfms=Resize((120, 160))).dataloaders(files, bs=3, device='cpu')
+    x, y = same.valid_ds[0]
+    w, h = open_image(files[3]).size
+    rc = get_y(files[3])                                                # (row, col) = (y, x) pixels
+    assert (w, h) == (160, 120) and x.shape == (3, 120, 160)
+    assert torch.allclose(y, points_to_norm([[rc[1], rc[0]]], w, h), atol=1e-6)
+    assert isinstance(same.loss_func(), MSELossFlat) and same.c == 2
+    # a centre crop to 96x96: the crop box is (20, 0, 140, 120) scaled by 0.8, by hand
+    small = same.new(item_tfms=[Resize(96)])
+    _, y2 = small.valid_ds[0]
+    hand = torch.tensor([[(rc[1] + 0.5 - 20) * 0.8 - 0.5, (rc[0] + 0.5) * 0.8 - 0.5]], dtype=torch.float32)   # pixel centres, by hand
+    assert torch.allclose(points_to_pixels(y2, 96, 96), hand, atol=1e-4)
+    xb, yb = small.one_batch()
+    assert xb.shape == (3, 3, 96, 96) and yb.shape == (3, 1, 2)
+    same.show_batch(rows=1, cols=3)
+
+
+class _SortedDL(TfmdDL):
+    "Batches ordered longest first, as a text classifier's loader would."
+    def __iter__(self):
+        order = sorted(range(len(self.dataset)), key=lambda i: -len(self.dataset[i][0]))
+        for k in range(0, len(order), self.bs):
+            yield self.after_batch(self.dataset.collate([self.dataset[i] for i in order[k:k + self.bs]]))
+
+class _SeqBlock(Block):
+    dl_type = _SortedDL
+    def collate(self, xs):
+        n = max(len(x) for x in xs)
+        return torch.stack([torch.nn.functional.pad(x, (0, n - len(x))) for x in xs])
+
+def _first(o): return o[0]
+def _second(o): return o[1]
+
+def test_datablock_builds_the_loader_the_blocks_ask_for():
+    items = [([1.] * n, 'ab'[n % 2]) for n in (4, 1, 6, 3, 5, 2, 8, 7)]
+    dblock = DataBlock(blocks=(_SeqBlock, CategoryBlock), get_x=_first, get_y=_second,
+                       splitter=lambda o: (list(range(4)), list(range(4, 8))))
+    dls = dblock.dataloaders(items, bs=2, device='cpu')
+    assert type(dls.train) is _SortedDL and type(dls.valid) is _SortedDL
+    assert [b[0].shape[1] for b in dls.valid] == [8, 5]                  # lengths 5, 2, 8, 7 → (8, 7), (5, 2)
+    assert type(pickle.loads(pickle.dumps(dls.new_empty())).train) is _SortedDL
+    assert type(dls.test_dl(items[:2])) is _SortedDL
+    assert type(dblock.dataloaders(items, bs=2, device='cpu', dl_type=TfmdDL).valid) is TfmdDL

@@ -90,7 +90,7 @@ def _assert_not_blank(png, what):
     assert 0.02 < non_white < 0.9, f'{what}: {non_white:.0%} of the screenshot is non-white: {png}'
 
 
-@pytest.mark.parametrize('nb_name', ['index.ipynb', '05_metrics.ipynb', '09_learner.ipynb'])
+@pytest.mark.parametrize('nb_name', ['index.ipynb', '05_metrics.ipynb', '12_learner.ipynb'])
 def test_screenshot_not_blank(site, chromium, tmp_path, nb_name):
     page = site/'index.html' if nb_name == 'index.ipynb' else _page_for(site, nb_name)
     png = tmp_path/'shot.png'
@@ -101,7 +101,7 @@ def test_screenshot_not_blank(site, chromium, tmp_path, nb_name):
 
 @pytest.mark.parametrize('nb_name,name,signature', [
     ('05_metrics.ipynb', 'fbeta', ['inp, targ, beta:float=2, thresh:float=0.2', 'zero_division']),
-    ('09_learner.ipynb', 'Learner.fit_one_cycle', ['def fit_one_cycle(', 'lr_max', 'pct_start:float=0.25'])])
+    ('12_learner.ipynb', 'Learner.fit_one_cycle', ['def fit_one_cycle(', 'lr_max', 'pct_start:float=0.25'])])
 def test_api_page_in_browser(site, chromium, tmp_path, nb_name, name, signature):
     "The DOM chromium renders holds the exported function's heading and signature."
     page = _page_for(site, nb_name)

@@ -190,9 +190,12 @@ def clean(nb):
 
 
 def page_order(proc):
-    "Notebooks in reading order: index first, then top-level notebooks by name, then each folder (e.g. lessons/)."
+    "Notebooks in reading order: index first, then top-level notebooks by name, then each folder, lessons/ last."
     nbs = sorted(p for p in proc.rglob('*.ipynb') if not any(q.startswith(('_', '.')) for q in p.relative_to(proc).parts))
-    return sorted(nbs, key=lambda p: (p.relative_to(proc).parts[0] != 'index.ipynb', len(p.relative_to(proc).parts) > 1, str(p)))
+    def key(p):
+        parts = p.relative_to(proc).parts
+        return (parts[0] != 'index.ipynb', len(parts) > 1, parts[0] == 'lessons', str(p))
+    return sorted(nbs, key=key)
 
 
 def inline_md(s):

@@ -12,13 +12,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..data import (Block, Transform, DataError, DataBlock, DataLoaders, CategoryBlock, MultiCategoryBlock, ColReader,
-                            RandomSplitter, ColSplitter, GrandparentSplitter, RegexLabeller, parent_label, get_files, describe, _hw)
-from .augment import IntToFloat, Normalize, imagenet_stats
+from ..data import (Block, Transform, DataError, DataBlock, DataLoaders, CategoryBlock, MultiCategoryBlock,
+                            ColReader, RandomSplitter, ColSplitter, GrandparentSplitter, RegexLabeller,
+                            parent_label, get_files, describe, _hw, IMAGE, MASK, POINTS)
+from ..losses import CrossEntropyLossFlat, MSELossFlat
 
 # %% auto #0
-__all__ = ['image_extensions', 'get_image_files', 'open_image', 'to_hwc', 'show_image', 'ImageBlock', 'Resize',
-           'RandomResizedCrop', 'MaskBlock', 'ImageDataLoaders']
+__all__ = ['image_extensions', 'imagenet_stats', 'get_image_files', 'open_image', 'to_hwc', 'show_image', 'IntToFloat',
+           'Normalize', 'ImageBlock', 'points_to_norm', 'points_to_pixels', 'Resize', 'RandomResizedCrop', 'MaskBlock',
+           'PointBlock', 'ImageDataLoaders']
 
 # %% ../../nbs/02_vision_data.ipynb #d8d05cd1
 image_extensions = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
@@ -62,14 +64,60 @@ def show_image(im, ax=None, figsize=None, title=None, **kwargs):
     if title is not None: ax.set_title(title, fontsize=9)
     return ax
 
+# %% ../../nbs/02_vision_data.ipynb #26cb985e
+imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+class IntToFloat(Transform):
+    "Scale `uint8` images to floats in [0, 1]; masks become `long`."
+    order = 5
+    def encodes(self, x, kind, train):
+        if kind == IMAGE and not x.is_floating_point(): return x.float().div_(255.)
+        if kind == MASK: return x.long()
+        return x
+
+class Normalize(Transform):
+    "Normalise images per channel with `mean` and `std` (default: ImageNet statistics); `decode` undoes it."
+    order = 99
+    def __init__(self, mean=imagenet_stats[0], std=imagenet_stats[1]):
+        self.mean, self.std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+    @classmethod
+    def from_stats(cls, mean, std): return cls(mean, std)
+    def _stats(self, x):
+        if x.shape[1] != len(self.mean):
+            raise ValueError(f'Normalize: {len(self.mean)} channel statistics for images with {x.shape[1]} channels; '
+                             "give matching stats (for grey images: ImageBlock('L', stats=None) or one mean and std)")
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return self.mean.to(x.device, x.dtype).view(shape), self.std.to(x.device, x.dtype).view(shape)
+    def encodes(self, x, kind, train):
+        if kind != IMAGE: return x
+        m, s = self._stats(x)
+        return (x - m) / s
+    def decodes(self, x, kind):
+        if kind != IMAGE: return x
+        m, s = self._stats(x)
+        return x * s + m
+
 # %% ../../nbs/02_vision_data.ipynb #08511541
+def _draft_size(item_tfms):
+    "The (w, h) a JPEG may be decoded at: the largest `draft_size` of the item transforms, or None."
+    sizes = [t.draft_size for t in item_tfms if getattr(t, 'draft_size', None)]
+    return (max(s[0] for s in sizes), max(s[1] for s in sizes)) if sizes else None
+
+def _describe_image(o) -> str:
+    "'PIL image RGB 96x64' for a PIL image, else the generic description."
+    return f'PIL image {o.mode} {o.size[0]}x{o.size[1]}' if isinstance(o, Image.Image) else describe(o)
+
 class ImageBlock(Block):
-    "Images: read with `open_image` (draft mode), encoded as uint8 CHW tensors, kind 'image'; adds IntToFloat and Normalize."
-    kind = 'image'
+    "Images: read by `open_image` (draft mode), encoded as uint8 CHW tensors, kind IMAGE; IntToFloat, Normalize."
+    kind = IMAGE
     def __init__(self, mode='RGB', stats=imagenet_stats): self.mode, self.stats = mode, stats
 
     @property
     def batch_tfms(self): return [IntToFloat()] + ([Normalize(*self.stats)] if self.stats else [])
+
+    def size_hint(self, item_tfms):
+        "Decode a large JPEG reduced when the item transforms shrink it anyway (their `draft_size`)."
+        return _draft_size(item_tfms)
 
     def read(self, o, size=None):
         if isinstance(o, (str, Path)): return open_image(o, size, self.mode)
@@ -82,14 +130,28 @@ class ImageBlock(Block):
         a = torch.from_numpy(np.array(im, dtype=np.uint8))
         return a.permute(2, 0, 1) if a.ndim == 3 else a[None]
 
+    def describe(self, x) -> str: return _describe_image(x)
+    def is_raw(self, o) -> bool: return isinstance(o, (str, Path, torch.Tensor, Image.Image, np.ndarray))
     def show(self, t, ax, **kwargs): show_image(t, ax)
+
+# %% ../../nbs/02_vision_data.ipynb #f0ab4afd
+def points_to_norm(pts, w, h) -> torch.Tensor:
+    "Pixel (x, y) positions `pts` (..., 2) in a `w`×`h` picture → normalised (pixel centre i ↦ (2i+1)/n - 1)."
+    pts = torch.as_tensor(pts, dtype=torch.float32)
+    return (2 * pts + 1) / torch.tensor([w, h], dtype=torch.float32, device=pts.device) - 1
+
+def points_to_pixels(pts, w, h) -> torch.Tensor:
+    "Normalised points `pts` (..., 2) → (x, y) pixel positions in a `w`×`h` picture (`points_to_norm` undone)."
+    pts = torch.as_tensor(pts, dtype=torch.float32)
+    return ((pts + 1) * torch.tensor([w, h], dtype=torch.float32, device=pts.device) - 1) / 2
 
 # %% ../../nbs/02_vision_data.ipynb #4ecc697c
 class Resize(Transform):
-    "Resize images and masks to `size` (h, w) by 'crop' (random on train, centre on valid), 'squish' or 'pad'."
+    "Resize images, masks, points to `size` (h, w) by 'crop' (random on train, centre on valid), 'squish', 'pad'."
     order = 1
     def __init__(self, size, method='crop'):
-        if method not in ('crop', 'squish', 'pad'): raise ValueError(f"Resize: method must be 'crop', 'squish' or 'pad', not {method!r}")
+        if method not in ('crop', 'squish', 'pad'):
+            raise ValueError(f"Resize: method must be 'crop', 'squish' or 'pad', not {method!r}")
         self.size, self.method = _hw(size), method
 
     @property
@@ -105,24 +167,35 @@ class Resize(Transform):
         x0, y0 = (w - cw) * fx, (h - ch) * fy
         return (x0, y0, x0 + cw, y0 + ch)
 
-    def __call__(self, xs, kinds, train=False):
-        i = next((j for j, k in enumerate(kinds) if k in ('image', 'mask')), None)
-        if i is None: return xs
-        box = self.box(*xs[i].size, train)
-        return tuple(self._apply(x, k, box) for x, k in zip(xs, kinds))
-
-    def _apply(self, x, kind, box):
+    def layout(self, w, h, box):
+        "Where a `w`×`h` source lands in the output: (sx, sy, ox, oy), output = source × s + o (pixel edges)."
         (H, W), (x0, y0, x1, y1) = self.size, box
-        if kind == 'points':
-            return (torch.as_tensor(x, dtype=torch.float32) - torch.tensor([x0, y0])) * torch.tensor([W / (x1 - x0), H / (y1 - y0)])
-        if kind not in ('image', 'mask'): return x
-        resample = Image.BILINEAR if kind == 'image' else Image.NEAREST
+        if x0 >= 0 and y0 >= 0: return W / (x1 - x0), H / (y1 - y0), -x0 * W / (x1 - x0), -y0 * H / (y1 - y0)
+        rw, rh = round(w * W / (x1 - x0)), round(h * H / (y1 - y0))     # 'pad': fit, then paste centred
+        return rw / w, rh / h, (W - rw) // 2, (H - rh) // 2
+
+    def __call__(self, xs, kinds, train=False):
+        i = next((j for j, k in enumerate(kinds) if k in (IMAGE, MASK)), None)
+        if i is None: return xs
+        src = xs[i].size
+        box = self.box(*src, train)
+        return tuple(self._apply(x, k, box, src) for x, k in zip(xs, kinds))
+
+    def _apply(self, x, kind, box, src):
+        H, W = self.size
+        if kind == POINTS:                     # normalised → source pixel edges → output pixel edges → normalised
+            (w, h), p = src, torch.as_tensor(x, dtype=torch.float32)
+            sx, sy, ox, oy = self.layout(w, h, box)
+            return torch.stack([((p[..., 0] + 1) * w / 2 * sx + ox) * 2 / W - 1,
+                                ((p[..., 1] + 1) * h / 2 * sy + oy) * 2 / H - 1], -1)
+        if kind not in (IMAGE, MASK): return x
+        resample = Image.BILINEAR if kind == IMAGE else Image.NEAREST
         if box == (0, 0, *x.size) and x.size == (W, H): return x
-        if x0 >= 0 and y0 >= 0: return x.resize((W, H), resample, box=box)
-        w, h = round(x.size[0] * W / (x1 - x0)), round(x.size[1] * H / (y1 - y0))    # 'pad': fit, then paste centred
+        if box[0] >= 0 and box[1] >= 0: return x.resize((W, H), resample, box=box)
+        sx, sy, ox, oy = self.layout(*x.size, box)
         out = Image.new(x.mode, (W, H))
         if x.mode == 'P': out.putpalette(x.getpalette())
-        out.paste(x.resize((w, h), resample), ((W - w) // 2, (H - h) // 2))
+        out.paste(x.resize((round(sx * x.size[0]), round(sy * x.size[1])), resample), (ox, oy))
         return out
     def __repr__(self): return f'Resize({self.size}, {self.method!r})'
 
@@ -147,16 +220,89 @@ class RandomResizedCrop(Resize):
         return super().box(w, h, False)
 
 # %% ../../nbs/02_vision_data.ipynb #85b2639d
+_VOID_NAMES = ('void', 'unlabelled', 'unlabeled')
+
+def _void_code(codes, void):
+    "The class code of `void` (a code, a name in `codes`, or 'auto'), or None."
+    if void is None: return None
+    if isinstance(void, (int, np.integer)) and not isinstance(void, bool):
+        if codes is not None and not 0 <= void < len(codes):
+            raise ValueError(f'MaskBlock: void={void} is not a code of the {len(codes)} classes '
+                             f'(0 to {len(codes) - 1})')
+        return void
+    if codes is None: raise ValueError(f'MaskBlock: void={void!r} needs the class names: pass codes=')
+    names = [str(c) for c in codes]
+    if void == 'auto': return next((i for i, c in enumerate(names) if c.lower() in _VOID_NAMES), None)
+    if void not in names:
+        raise ValueError(f'MaskBlock: void={void!r} is not one of the codes {names[:40]}; '
+                         'give a name, a code or "auto"')
+    return names.index(void)
+
 class MaskBlock(Block):
-    "Segmentation masks: per-pixel class codes (HW long tensor), kind 'mask'; `codes` name the classes."
-    kind, loss = 'mask', 'cross_entropy'
-    def __init__(self, codes=None): self.vocab = None if codes is None else list(codes)
+    "Segmentation masks: per-pixel class codes (HW long tensor), kind MASK; `codes` name them, `void` the unscored."
+    kind, exact_size = MASK, True
+    def __init__(self, codes=None, void=None):
+        self.vocab = None if codes is None else list(codes)
+        self.void_code = _void_code(self.vocab, void)
     def read(self, o, size=None):
         if isinstance(o, (str, Path)): return open_image(o, None, None)
         if isinstance(o, torch.Tensor): o = o.cpu().numpy().astype(np.uint8)
         return Image.fromarray(o) if isinstance(o, np.ndarray) else o
     def encode(self, im): return torch.from_numpy(np.array(im, dtype=np.int64))
-    def show(self, t, ax, **kwargs): ax.imshow(t.cpu().numpy(), cmap='tab20', alpha=0.5, vmin=0, vmax=max(len(self.vocab or ()), 20))
+    def describe(self, x) -> str: return _describe_image(x)
+    def loss_func(self):
+        "Cross-entropy per pixel over the class axis (1), ignoring the void pixels if `void` was given."
+        return CrossEntropyLossFlat(axis=1, ignore_index=-100 if self.void_code is None else self.void_code)
+    def show(self, t, ax, **kwargs):
+        ax.imshow(t.cpu().numpy(), cmap='tab20', alpha=0.5, vmin=0, vmax=max(len(self.vocab or ()), 20))
+
+# %% ../../nbs/02_vision_data.ipynb #c2663021
+def _size_of(x):
+    "The (w, h) of a PIL image or of a (..., h, w) tensor."
+    return x.size if isinstance(x, Image.Image) else (x.shape[-1], x.shape[-2])
+
+class PointBlock(Block):
+    "Points read as pixel (x, y) pairs (or (row, col): `order='yx'`), stored normalised to [-1, 1]; kind POINTS."
+    kind, exact_size = POINTS, True
+    def __init__(self, order='xy', n_points=None):
+        if order not in ('xy', 'yx'):
+            raise ValueError(f"PointBlock: order must be 'xy' (column, row) or 'yx' (row, column), "
+                             f'not {order!r}')
+        self.order, self.n_points = order, n_points
+
+    def read(self, o, size=None):
+        "Pixel coordinates `o` (one pair or (n, 2)) as an (n, 2) float tensor of (x, y) pairs."
+        p = torch.as_tensor(np.asarray(o, dtype=np.float32))
+        if p.ndim == 1: p = p[None]
+        if p.ndim != 2 or p.shape[-1] != 2 or (self.n_points is not None and len(p) != self.n_points):
+            n = 'n' if self.n_points is None else self.n_points
+            raise DataError(f'PointBlock: expected pixel coordinates of shape ({n}, 2) or (2,), '
+                            f'got {describe(p)}; check the getter')
+        return p.flip(-1) if self.order == 'yx' else p
+
+    def after_read(self, x, xs, kinds):
+        "The pixel points `x` normalised by the size of the item's first image (or mask), as read."
+        j = next((i for i, k in enumerate(kinds) if k in (IMAGE, MASK)), None)
+        if j is None:
+            raise DataError('PointBlock: no image or mask in the item to measure the points against; '
+                            'put an ImageBlock in the blocks of the DataBlock')
+        return points_to_norm(x, *_size_of(xs[j]))
+
+    def encode(self, o): return torch.as_tensor(o, dtype=torch.float32)
+    def describe(self, x) -> str:
+        return f'{len(x)} points (x, y): ' + ', '.join(f'({a:.3g}, {b:.3g})' for a, b in x[:3].tolist())
+    def loss_func(self):
+        "Mean squared error on the normalised coordinates."
+        return MSELossFlat()
+    @property
+    def c(self): return None if self.n_points is None else 2 * self.n_points
+
+    def show(self, t, ax, **kwargs):
+        "Draw the points on the item's picture already drawn on `ax` (or on [-1, 1] axes, y down, without one)."
+        t = t.detach().cpu()
+        if not ax.images: ax.set_xlim(-1, 1); ax.set_ylim(1, -1); p = t
+        else: p = points_to_pixels(t, *ax.images[-1].get_array().shape[1::-1])
+        ax.scatter(p[:, 0], p[:, 1], s=20, c='lime', marker='+')
 
 # %% ../../nbs/02_vision_data.ipynb #fe502c9b
 class ImageDataLoaders:

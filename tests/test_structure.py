@@ -1,0 +1,49 @@
+"The shape of the course: notebooks in reading order never import from a later notebook; every module has one notebook."
+import json, re
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = ROOT/'nbs'
+
+def reading_order():
+    "Library notebooks in reading order: top-level by number, then each folder (synth/ before lessons/, which come last)."
+    nbs = [p for p in NBS.rglob('*.ipynb') if not any(q.startswith(('_', '.')) for q in p.relative_to(NBS).parts)]
+    def key(p):
+        parts = p.relative_to(NBS).parts
+        return (len(parts) > 1, parts[0] == 'lessons', str(p))
+    return sorted((p for p in nbs if p.name != 'index.ipynb'), key=key)
+
+def exported_module(nb):
+    for c in nb['cells']:
+        m = re.search(r'^#\|\s*default_exp\s+(\S+)', ''.join(c['source']), re.M)
+        if m: return 'lessonlib.' + m.group(1)
+    return None
+
+def top_level_imports(nb):
+    "lessonlib modules imported at the top level of exported cells (function-local, lazy imports are not counted)."
+    mods = set()
+    for c in nb['cells']:
+        src = ''.join(c['source'])
+        if c['cell_type'] != 'code' or not re.match(r'#\|\s*export', src): continue
+        mods |= set(re.findall(r'^from (lessonlib(?:\.\w+)+) import', src, re.M))
+        mods |= set(re.findall(r'^import (lessonlib(?:\.\w+)+)', src, re.M))
+    return mods
+
+def test_no_notebook_imports_from_a_later_one():
+    order = reading_order()
+    nbs = {p: json.loads(p.read_text()) for p in order}
+    position = {exported_module(nb): i for i, (p, nb) in enumerate(nbs.items()) if exported_module(nb)}
+    assert len(position) > 15, position
+    bad = []
+    for i, (p, nb) in enumerate(nbs.items()):
+        for mod in top_level_imports(nb):
+            if mod not in position: bad.append(f'{p.relative_to(ROOT)} imports {mod}, which no notebook exports')
+            elif position[mod] > i: bad.append(f'{p.relative_to(ROOT)} imports {mod} from the later {order[position[mod]].name}')
+    assert not bad, '\n'.join(bad)
+
+def test_one_notebook_per_module():
+    mods = [exported_module(json.loads(p.read_text())) for p in reading_order()]
+    mods = [m for m in mods if m]
+    assert len(mods) == len(set(mods)), sorted(m for m in mods if mods.count(m) > 1)
+    for m in mods: assert (ROOT/(m.replace('.', '/') + '.py')).exists(), f'{m} has a notebook but no generated module'
