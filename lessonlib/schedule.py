@@ -9,7 +9,7 @@ from functools import partial
 import numpy as np
 
 # %% auto #0
-__all__ = ['sched_lin', 'sched_cos', 'sched_exp', 'sched_no', 'combine_scheds', 'one_cycle_scheds', 'lr_per_group']
+__all__ = ['sched_lin', 'sched_cos', 'sched_exp', 'sched_no', 'combine_scheds', 'one_cycle_scheds']
 
 # %% ../nbs/06_schedule.ipynb #6dfadf52
 def sched_lin(start, end, pos):
@@ -50,16 +50,3 @@ def one_cycle_scheds(lr_max, div: float = 25., div_final: float = 1e5, pct_start
                                         partial(sched_cos, lr_max, lr_max / div_final)]),
             'mom': combine_scheds(pcts, [partial(sched_cos, moms[0], moms[1]),
                                          partial(sched_cos, moms[1], moms[2])])}
-
-# %% ../nbs/06_schedule.ipynb #f42bcd55
-def lr_per_group(lr, n_groups: int) -> list[float]:
-    "Expand a learning rate (float, `slice(hi)`, `slice(lo, hi)` or one per group) into one value per layer group."
-    if isinstance(lr, (list, tuple, np.ndarray)) and np.ndim(lr) == 1:
-        if len(lr) != n_groups: raise ValueError(f'{len(lr)} learning rates for {n_groups} layer groups')
-        return [float(o) for o in lr]
-    if not isinstance(lr, slice): return [float(lr)] * n_groups
-    if lr.stop is None: raise ValueError(f"{lr} has no upper learning rate: write slice(hi) or slice(lo, hi)")
-    if lr.start is None: return [lr.stop / 10] * (n_groups - 1) + [float(lr.stop)]
-    if not 0 < lr.start <= lr.stop: raise ValueError(f'{lr}: need 0 < lo <= hi, learning rates from the first to the last group')
-    if n_groups == 1: return [float(lr.stop)]
-    return [float(o) for o in np.geomspace(lr.start, lr.stop, n_groups)]
