@@ -10,13 +10,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import matplotlib.pyplot as plt
-from .core import in_notebook
+from .core import in_notebook, save_atomic
 from .optim import get_hyper, set_hyper
 from .loop import Callback, CancelFitException, batch_size, weighted_mean
 
 # %% auto #0
 __all__ = ['Recorder', 'format_row', 'progress_mode', 'ProgressBar', 'ProgressCallback', 'MixedPrecision', 'GradientClip',
-           'TrackerCallback', 'EarlyStoppingCallback', 'SaveModelCallback', 'ParamScheduler']
+           'TrackerCallback', 'EarlyStopper', 'EarlyStoppingCallback', 'SaveModelCallback', 'ParamScheduler']
 
 # %% ../nbs/09_callbacks.ipynb #3ab8a707
 class Recorder(Callback):
@@ -222,37 +222,83 @@ class TrackerCallback(Callback):
     def __init__(self, monitor: str = 'valid_loss', comp=None, min_delta: float = 0.):
         if comp is None: comp = np.less if ('loss' in monitor or 'error' in monitor) else np.greater
         self.monitor, self.comp, self.min_delta = monitor, comp, min_delta
+        self.reset()
+
+    def reset(self):
+        "Forget the best value so far: tracking starts again at epoch 0."
+        self.best, self.best_epoch, self.improved, self.epoch = None, None, False, -1
+
+    def update(self, value, epoch: int | None = None) -> bool:
+        "Record `value` for `epoch` (default: the next one); True when it beats the best so far by more than `min_delta`."
+        self.epoch = self.epoch + 1 if epoch is None else epoch
+        delta = -self.min_delta if self.comp(0, 1) else self.min_delta     # comp(0, 1) is True when lower is better
+        valid = value is not None and not (isinstance(value, float) and math.isnan(value))
+        self.improved = valid and (self.best is None or bool(self.comp(value - delta, self.best)))
+        if self.improved: self.best, self.best_epoch = value, self.epoch
+        return self.improved
 
     def before_fit(self, learn):
         names = learn.recorder.metric_names
         if self.monitor not in names:
             raise ValueError(f'{type(self).__name__}: cannot monitor {self.monitor!r}; the epoch table has {names[1:-1]}')
-        self.best, self.best_epoch = None, None
+        self.reset()
 
-    def after_epoch(self, learn):
-        value = learn.recorder.values[-1][self.monitor]
-        delta = -self.min_delta if self.comp(0, 1) else self.min_delta     # comp(0, 1) is True when lower is better
-        self.improved = value is not None and (self.best is None or bool(self.comp(value - delta, self.best)))
-        if self.improved: self.best, self.best_epoch = value, learn.epoch
+    def after_epoch(self, learn): self.update(learn.recorder.values[-1][self.monitor], learn.epoch)
 
-# %% ../nbs/09_callbacks.ipynb #900f0a45
-class EarlyStoppingCallback(TrackerCallback):
-    "Stop training when `monitor` has not improved for `patience` epochs."
-    def __init__(self, monitor: str = 'valid_loss', comp=None, min_delta: float = 0., patience: int = 1):
+# %% ../nbs/09_callbacks.ipynb #7ebc0dc3
+class EarlyStopper(TrackerCallback):
+    "Stop after `patience` epochs without improvement of `monitor`; keep the best weights (and save them to `fname`) to restore."
+    def __init__(self, patience: int | None = 3, min_delta: float = 0., monitor: str = 'valid_loss', comp=None,
+                 fname=None, restore: bool = True):
         super().__init__(monitor, comp, min_delta)
-        self.patience = patience
+        self.patience, self.fname, self.restore_best = patience, fname, restore
 
-    def before_fit(self, learn):
-        super().before_fit(learn)
-        self.wait = 0
+    def reset(self):
+        "Start afresh: no best value, no epochs waited, no weights kept."
+        super().reset()
+        self.wait, self.best_state, self.stopped_epoch = 0, None, None
+
+    def step(self, value, model: nn.Module | None = None, epoch: int | None = None) -> bool:
+        "Record this epoch's `value` (keeping `model`'s weights when it is the best so far); True when it is time to stop."
+        if self.update(value, epoch):
+            self.wait = 0
+            if model is not None and (self.restore_best or self.fname is not None): self.keep(model)
+        else: self.wait += 1
+        stop = self.patience is not None and self.wait >= self.patience
+        if stop: self.stopped_epoch = self.epoch
+        return stop
+
+    def keep(self, model: nn.Module):
+        "Copy `model`'s weights (to the CPU), and save them atomically to `fname` when given."
+        self.best_state = {k: v.detach().to('cpu', copy=True) if isinstance(v, torch.Tensor) else v
+                           for k, v in model.state_dict().items()}
+        if self.fname is not None:
+            save_atomic({'model': self.best_state, 'epoch': self.best_epoch, self.monitor: self.best}, self.fname)
+
+    def restore(self, model: nn.Module) -> nn.Module:
+        "Load the best weights back into `model`, bit for bit (nothing to do when none were kept)."
+        if self.best_state is not None: model.load_state_dict(self.best_state)
+        return model
 
     def after_epoch(self, learn):
-        super().after_epoch(learn)
-        self.wait = 0 if self.improved else self.wait + 1
-        if self.wait >= self.patience:
-            print(f'No improvement in {self.monitor} for {self.wait} epochs (best {self.best:.6f} at epoch '
+        keep = self.restore_best or self.fname is not None
+        if self.step(learn.recorder.values[-1][self.monitor], learn.model if keep else None, learn.epoch):
+            best = 'none' if self.best is None else f'{self.best:.6f}'
+            print(f'No improvement in {self.monitor} for {self.wait} epochs (best {best} at epoch '
                   f'{self.best_epoch}): stopping early.')
             raise CancelFitException()
+
+    def after_fit(self, learn):
+        if self.restore_best and self.best_state is not None and self.best_epoch != learn.epoch:
+            print(f'Restoring the best weights, from epoch {self.best_epoch} ({self.monitor} {self.best:.6f}).')
+            self.restore(learn.model)
+
+# %% ../nbs/09_callbacks.ipynb #900f0a45
+class EarlyStoppingCallback(EarlyStopper):
+    "fastai's name and defaults for `EarlyStopper`: stop when `monitor` has not improved for `patience` epochs."
+    def __init__(self, monitor: str = 'valid_loss', comp=None, min_delta: float = 0., patience: int = 1,
+                 restore: bool = False):
+        super().__init__(patience, min_delta, monitor, comp, restore=restore)
 
 # %% ../nbs/09_callbacks.ipynb #fe8d1091
 class SaveModelCallback(TrackerCallback):
