@@ -15,12 +15,12 @@ from lessonlib.vision.models import (create_vision_model, pretrained_state_dict,
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     "A fresh, empty torch hub cache; any real download attempt fails at once."
-    old = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path/'hub'))
+    # monkeypatch torch.hub's own setting (set_dir's variable) so it goes back to "unset" afterwards: restoring with
+    # set_dir(get_dir()) would pin the default folder and make later TORCH_HOME settings ineffective
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(tmp_path/'hub'))
     def no_network(*args, **kwargs): raise URLError('no network in tests')
     monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
     yield tmp_path/'hub'
-    torch.hub.set_dir(old)
 
 
 def _seed_cache(arch='resnet18'):

@@ -1,5 +1,5 @@
 "The `lessonlib scratch` lesson: the built-in set end to end, the real samples, bad input, and the transfer-learning path."
-import json, os, shutil, subprocess, sys, warnings
+import json, os, shutil, subprocess, sys, tempfile, warnings
 import matplotlib
 matplotlib.use('Agg')
 from pathlib import Path
@@ -34,14 +34,15 @@ def check_outputs(out: Path, extra=()) -> dict:
     return json.loads((out/'metrics.json').read_text())
 
 
-def fake_weights(torch_home: Path, arch='resnet18'):
-    "Put randomly initialised weights where the torch hub cache keeps `arch`'s ImageNet weights (no download here)."
-    old = os.environ.get('TORCH_HOME')
-    os.environ['TORCH_HOME'] = str(torch_home)
-    try: path = weights_path(arch)
-    finally:
-        if old is None: del os.environ['TORCH_HOME']
-        else: os.environ['TORCH_HOME'] = old
+def use_hub(monkeypatch, torch_home: Path):
+    "Point the torch hub cache at `torch_home/hub` for this test only (never the user's real cache)."
+    monkeypatch.setenv('TORCH_HOME', str(torch_home))
+    monkeypatch.setattr(torch.hub, '_hub_dir', str(torch_home/'hub'))
+
+def fake_weights(arch='resnet18'):
+    "Put randomly initialised weights where the (test's) torch hub cache keeps `arch`'s ImageNet weights."
+    path = weights_path(arch)
+    assert str(path).startswith(tempfile.gettempdir()), f'refusing to write fake weights outside a temporary folder: {path}'
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(tvm.get_model(arch, weights=None).state_dict(), path)
     return path
@@ -77,8 +78,8 @@ def test_builtin_end_to_end(tmp_path):
 
 def test_transfer_with_cached_weights(tmp_path, monkeypatch):
     "With weights in the torch hub cache (random ones here: no download), the frozen network and fine_tune both run."
-    fake_weights(tmp_path/'torch')
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path/'torch'))
+    use_hub(monkeypatch, tmp_path/'torch')
+    fake_weights()
     path = make_scratch(tmp_path/'shapes', n_train=32, n_val=9, n_test=10)
     m = run_scratch(str(path), epochs=1, size=16, bs=8, lr='valley', pretrained=True, tl_size=32, ft_epochs=1,
                     out=tmp_path/'out')
@@ -95,7 +96,7 @@ def test_transfer_with_cached_weights(tmp_path, monkeypatch):
 
 def test_missing_weights_skip_clearly(tmp_path, monkeypatch):
     "Without pretrained weights (and without downloading), the transfer part says why and returns no numbers."
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path/'empty'))
+    use_hub(monkeypatch, tmp_path/'empty')
     fd = read_image_folder(make_scratch(tmp_path/'shapes', n_train=12, n_val=6, n_test=3))
     res = run_transfer(fd, 'resnet18', size=32, epochs=1, out=tmp_path, download=False)
     assert set(res) == {'skipped'}
