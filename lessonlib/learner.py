@@ -29,6 +29,22 @@ def default_loss(dls):
                          '(e.g. CrossEntropyLossFlat(), BCEWithLogitsLossFlat(), MSELossFlat() or any torch loss)')
     return loss
 
+class _FirstItems:
+    "The first batches of loader `dl`, enough for `n` items (so that a few predictions cost a few batches)."
+    def __init__(self, dl, n: int): self.dl, self.n = dl, n
+    def __len__(self):
+        bs = getattr(self.dl, 'bs', None) or getattr(self.dl, 'batch_size', None) or 1
+        return min(len(self.dl), math.ceil(self.n / bs))
+    def __iter__(self):
+        seen = 0
+        for b in self.dl:
+            if seen >= self.n: break
+            seen += len(b[0])
+            yield b
+    def to(self, device):
+        if hasattr(self.dl, 'to'): self.dl.to(device)
+        return self
+
 class Learner(TrainLoop):
     "A `TrainLoop` with history, progress, one-cycle training, freezing, lr_find, mixed precision, saving and predicting."
     def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=adamw, lr: float = 1e-3, wd: float = 0.01,
@@ -144,6 +160,34 @@ class Learner(TrainLoop):
                             'with plain loaders, call get_preds on a loader of your items')
         probs, _, dec = self.get_preds(self.dls.test_dl([item]), with_decoded=True)
         return self.dls.decode_target(dec[0]), dec[0], probs[0]
+
+    def show_results(self, dl=None, max_n: int = 6, figsize=None):
+        "Input, truth and prediction side by side, drawn by the blocks, for the first `max_n` items of `dl` (or valid)."
+        import matplotlib.pyplot as plt
+        dl = self.dls.valid if dl is None else dl
+        blocks = getattr(getattr(dl, 'dataset', None), 'blocks', None)
+        if blocks is None or not hasattr(dl, 'decode_batch'):
+            raise TypeError('show_results needs a loader made by a DataBlock (its blocks draw the items); with plain '
+                            'PyTorch loaders, call get_preds(with_input=True) and plot the results yourself')
+        n_inp = getattr(self.dls, 'n_inp', 1)
+        if len(blocks) <= n_inp: raise ValueError('show_results: this loader has no targets to compare with; '
+                                                  'pass a loader with labels (e.g. dls.valid)')
+        inputs, _, targs, decoded = self.get_preds(_FirstItems(dl, max_n), with_input=True, with_decoded=True)
+        xs = inputs if isinstance(inputs, tuple) else (inputs,)
+        first = lambda o: o[0] if isinstance(o, tuple) else o
+        n = min(max_n, len(xs[0]))
+        xs = tuple(x[:n] for x in xs)
+        truth, pred = dl.decode_batch(xs + (first(targs)[:n],)), dl.decode_batch(xs + (first(decoded)[:n],))
+        fig, axs = plt.subplots(n, 3, figsize=figsize or (9, 3 * n), squeeze=False)
+        for i in range(n):
+            for j, (title, b) in enumerate((('input', truth), ('truth', truth), ('prediction', pred))):
+                ax = axs[i, j]
+                ax.set_xticks([]); ax.set_yticks([])
+                if i == 0: ax.set_title(title, fontsize=10)
+                for blk, x in zip(blocks[:n_inp], b[:n_inp]): blk.show(x[i], ax)
+                if j > 0: blocks[n_inp].show(b[n_inp][i], ax)
+        fig.tight_layout()
+        return axs
 
 # %% ../nbs/12_learner.ipynb #90f8d20b
 def load_learner(fname, cpu: bool = True) -> Learner:

@@ -4,11 +4,13 @@
 
 # %% ../nbs/17_registry.ipynb #a5513ac1
 from __future__ import annotations
-import argparse, importlib, inspect, pkgutil
+import argparse, importlib, inspect, json, pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
+from .core import atomic_path
 
 # %% auto #0
-__all__ = ['LESSONS', 'positive_int', 'Option', 'Lesson', 'register_lesson', 'lessons']
+__all__ = ['LESSONS', 'positive_int', 'Option', 'Lesson', 'register_lesson', 'lessons', 'save_fig', 'write_run']
 
 # %% ../nbs/17_registry.ipynb #2fee068d
 def positive_int(s: str) -> int:
@@ -91,3 +93,18 @@ def lessons() -> dict:
     import lessonlib.lessons as pkg
     for m in pkgutil.iter_modules(pkg.__path__): importlib.import_module(f'{pkg.__name__}.{m.name}')
     return LESSONS
+
+# %% ../nbs/17_registry.ipynb #a59ff8bb
+def save_fig(fn, fig=None, dpi: int = 90):
+    "Save `fig` (default: the current figure) to the PNG `fn` atomically, then close every figure."
+    import matplotlib.pyplot as plt
+    with atomic_path(fn) as tmp: (fig or plt.gcf()).savefig(tmp, format='png', dpi=dpi, bbox_inches='tight')
+    plt.close('all')
+
+def write_run(out, results: dict, report: str) -> Path:
+    "Write `results` to `out/metrics.json` and `report` to `out/report.md`, each atomically; return `out`."
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out/'metrics.json') as tmp: tmp.write_text(json.dumps(results, indent=2))
+    with atomic_path(out/'report.md') as tmp: tmp.write_text(report)
+    return out

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import matplotlib.pyplot as plt
 from PIL import Image, UnidentifiedImageError
-from ..core import set_seed, atomic_path
+from ..core import set_seed
 from ..data import DataBlock, ColReader, ColSplitter, DataError
 from ..vision.data import ImageBlock, Resize, points_to_norm
 from ..vision.augment import aug_transforms
@@ -21,7 +21,7 @@ from ..vision.points import (project_points, PixelPointBlock, PixelDistance, mea
 from ..metrics import mse
 from ..datasets import get_dataset
 from ..synth.headpose import make_headpose, VALID_PERSON
-from ..registry import register_lesson
+from ..registry import register_lesson, save_fig, write_run
 
 # %% auto #0
 __all__ = ['read_cal', 'read_pose', 'pose_file', 'biwi_center', 'biwi_table', 'sample_table', 'headpose_source', 'frame_size',
@@ -184,7 +184,7 @@ def run_headpose(data: str = 'synth', size: int = 64, epochs: int = 5, arch: str
     path, df = headpose_source(data, seed, valid, frames)
     dls = headpose_dls(df, size=size, bs=bs)
     learn = headpose_learner(dls, arch, pretrained=pretrained, path=out)
-    suggestions = learn.lr_find(num_it=50); _save_fig(out/'lr_find.png')
+    suggestions = learn.lr_find(num_it=50); save_fig(out/'lr_find.png')
     lr_used = pick_lr(lr, suggestions)                 # a number read off the plot, as in the lesson, or a suggestion
     learn.fit_one_cycle(epochs, lr_used)
     history = list(learn.recorder.values)
@@ -193,8 +193,8 @@ def run_headpose(data: str = 'synth', size: int = 64, epochs: int = 5, arch: str
     preds, targs = learn.get_preds()
     (w, h), trn = frame_size(df), df[~df.is_valid]
     mean, base_px = mean_point_baseline(points_to_norm(torch.tensor(trn[['x', 'y']].values), w, h), targs, w, h)
-    _plot_history(history); _save_fig(out/'loss.png')
-    show_point_results(learn, max_n=9); _save_fig(out/'predictions.png')
+    _plot_history(history); save_fig(out/'loss.png')
+    show_point_results(learn, max_n=9); save_fig(out/'predictions.png')
     first = df[df.is_valid].iloc[0]
     pred_px = learn.predict(first.file)[0][0].tolist()
     results = {'data': str(path), 'out': str(out), 'images_train': int((~df.is_valid).sum()), 'images_valid': int(df.is_valid.sum()),
@@ -207,14 +207,8 @@ def run_headpose(data: str = 'synth', size: int = 64, epochs: int = 5, arch: str
                'history': history}
     results['model'] = str(learn.export('headpose_export.pkl'))
     results['wall_time_s'] = round(time.time() - t0, 1)
-    with atomic_path(out/'metrics.json') as tmp: tmp.write_text(json.dumps(results, indent=2))
-    with atomic_path(out/'report.md') as tmp: tmp.write_text(headpose_report(results))
+    write_run(out, results, headpose_report(results))
     return results
-
-def _save_fig(fn):
-    "Save the current matplotlib figure to `fn` atomically and close it."
-    with atomic_path(fn) as tmp: plt.gcf().savefig(tmp, format='png', dpi=90, bbox_inches='tight')
-    plt.close('all')
 
 def _plot_history(history):
     "Train and valid loss (left) and the validation pixel error (right) of every epoch."

@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 import matplotlib
 import matplotlib.pyplot as plt
-from ..core import data_dir, set_seed, atomic_path
+from ..core import data_dir, set_seed
 from ..data import DataBlock, ColReader, RandomSplitter, MultiCategoryBlock, DataError
 from ..vision.data import ImageBlock, Resize
 from ..vision.augment import aug_transforms
@@ -22,7 +22,7 @@ from ..datasets import get_dataset
 from ..kaggle import setup_lesson
 from ..synth.planet import make_planet
 from ..vision.models import ARCHS
-from ..registry import register_lesson
+from ..registry import register_lesson, save_fig, write_run
 
 # %% auto #0
 __all__ = ['PLANET_LAYOUTS', 'planet_source', 'planet_dls', 'planet_metrics', 'planet_learner', 'unfrozen_lrs', 'train_stages',
@@ -108,30 +108,24 @@ def run_planet(data: str = 'synth', size: int = 32, epochs: int = 2, arch: str =
     dls = planet_dls(path, csv, folder, size=size, bs=bs, seed=seed)
     learn = planet_learner(dls, arch, pretrained=pretrained, path=out)
     learn.freeze()
-    lrs = learn.lr_find(); _save_fig(out/'lr_find.png'); lr = lrs.valley
+    lrs = learn.lr_find(); save_fig(out/'lr_find.png'); lr = lrs.valley
     history = train_stages(learn, epochs, lr, str(size), look=False)   # nobody looks at a plot mid-command: save the time
     sizes, lr_big = [size], None
     if progressive:
         learn.dls = dls.new(size=2 * size); learn.freeze(); sizes.append(2 * size)
-        lr_big = learn.lr_find().valley; _save_fig(out/'lr_find_big.png')
+        lr_big = learn.lr_find().valley; save_fig(out/'lr_find_big.png')
         history += train_stages(learn, epochs, lr_big, str(2 * size), look=False)
     probs, targs = learn.get_preds()    # one validation pass serves the threshold and the baseline
     thresh, f2, threshs, scores = best_threshold(probs, targs)
     learn.loss_func.thresh = thresh
-    _plot_history(history); _save_fig(out/'loss.png')
+    _plot_history(history); save_fig(out/'loss.png')
     results = {'data': str(path), 'out': str(out), 'images_train': len(dls.train_ds), 'images_valid': len(dls.valid_ds), 'tags': dls.vocab,
                'arch': arch, 'pretrained': pretrained, 'sizes': sizes, 'epochs_per_stage': epochs,
                'lr': lr, 'lr_big': lr_big, 'threshold': thresh, 'f2': f2, 'f2_at_0.2': float(scores[np.argmin(abs(threshs - 0.2))]),
                'f2_baseline_clear_primary': baseline_f2(targs, dls.vocab), 'history': history}
     results['model'] = str(learn.export('planet_export.pkl'))
-    with atomic_path(out/'metrics.json') as tmp: tmp.write_text(json.dumps(results, indent=2))
-    with atomic_path(out/'report.md') as tmp: tmp.write_text(planet_report(results))
+    write_run(out, results, planet_report(results))
     return results
-
-def _save_fig(fn):
-    "Save the current matplotlib figure to `fn` atomically and close it."
-    with atomic_path(fn) as tmp: plt.gcf().savefig(tmp, format='png', dpi=90, bbox_inches='tight')
-    plt.close('all')
 
 def _plot_history(history):
     "Train and valid loss of every epoch of every stage."

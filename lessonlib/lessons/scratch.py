@@ -16,7 +16,7 @@ import torchvision.models as tvm
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
-from ..core import default_device, set_seed, atomic_path
+from ..core import default_device, set_seed
 from ..data import DataBlock, DataError, DataLoaders, CategoryBlock, GrandparentSplitter, parent_label
 from ..vision.data import ImageBlock, Resize, image_extensions, imagenet_stats
 from ..vision.models import ARCHS, arch_name, pretrained_state_dict, vision_learner
@@ -27,7 +27,7 @@ from ..lr_find import SUGGESTIONS
 from ..interpret import confusion_matrix, per_class_accuracy, plot_confusion_matrix, show_predictions
 from ..datasets import get_dataset
 from ..synth.scratch import make_scratch
-from ..registry import register_lesson
+from ..registry import register_lesson, save_fig, write_run
 
 # %% auto #0
 __all__ = ['SCRATCH_SETS', 'EXPECTED', 'SCRATCH_STATS', 'scratch_source', 'image_error', 'FolderData', 'read_image_folder',
@@ -360,20 +360,15 @@ def find_lr(model: nn.Module, loaders: dict, suggestion: str = 'valley', show_pl
     return float(getattr(learn.lr_find(show_plot=show_plot), suggestion))
 
 # %% ../../nbs/lessons/05_cnn_from_scratch.ipynb #352212ab
-def _save_fig(fn):
-    "Save the current matplotlib figure to `fn` atomically and close it."
-    with atomic_path(fn) as tmp: plt.gcf().savefig(tmp, format='png', dpi=90, bbox_inches='tight')
-    plt.close('all')
-
 def _results_on(model, loaders, fd, out, name, stats, title) -> dict:
     "Evaluate `model` on the results split of `fd`; save its confusion matrix and predictions grid to `out`."
     split = fd.eval_split
     r = evaluate_classifier(model, loaders[split], fd.classes)
-    plot_confusion_matrix(r['confusion'], fd.classes, title=f'{title}, {split} set'); _save_fig(out/f'confusion{name}.png')
+    plot_confusion_matrix(r['confusion'], fd.classes, title=f'{title}, {split} set'); save_fig(out/f'confusion{name}.png')
     ds = loaders[split].dataset
     idx = sample_predictions(ds, r['probs'], r['targs'])
     show_predictions([ds[i][0] for i in idx], r['probs'][idx], r['targs'][idx], fd.classes, ncols=8, denorm=stats)
-    _save_fig(out/f'predictions{name}.png')
+    save_fig(out/f'predictions{name}.png')
     r.pop('probs'); r['targs'] = r['targs'].tolist()
     return r
 
@@ -393,7 +388,7 @@ def run_transfer(fd: FolderData, arch: str = 'resnet18', size: int = 64, bs: int
     fit = train_and_validate(model, loaders['train'], loaders['valid'], epochs, patience, lr=lr, ckpt=out/'best_frozen.pth')
     frozen = _results_on(model, loaders, fd, out, '_frozen', imagenet_stats, f'{arch} frozen')
     frozen.update(history=fit['history'], best_epoch=fit['best_epoch'], epochs_run=fit['epochs_run'], time=time.time() - t0)
-    plot_curves(fit['history'], fit['best_epoch'], f'{arch}, frozen'); _save_fig(out/'curves_frozen.png')
+    plot_curves(fit['history'], fit['best_epoch'], f'{arch}, frozen'); save_fig(out/'curves_frozen.png')
     set_seed(seed)
     t0 = time.time()
     dls = scratch_dls(fd, size, bs)
@@ -418,11 +413,11 @@ def run_scratch(data: str = 'synth', epochs: int = 20, size: int = 32, bs: int =
     model = SimpleCNN(len(fd.classes), size)
     lr_used = lr_value(lr)
     if isinstance(lr_used, str):
-        lr_used = find_lr(model, loaders, lr_used, show_plot=True); _save_fig(out/'lr_find.png')
+        lr_used = find_lr(model, loaders, lr_used, show_plot=True); save_fig(out/'lr_find.png')
     t0 = time.time()
     fit = train_and_validate(model, loaders['train'], loaders['valid'], epochs, patience, lr=lr_used, ckpt=out/'best.pth')
     scratch_time = time.time() - t0
-    plot_curves(fit['history'], fit['best_epoch'], f'SimpleCNN on {fd.path.name}'); _save_fig(out/'curves.png')
+    plot_curves(fit['history'], fit['best_epoch'], f'SimpleCNN on {fd.path.name}'); save_fig(out/'curves.png')
     res = _results_on(model, loaders, fd, out, '', SCRATCH_STATS, 'SimpleCNN')
     base_class, base_acc = majority_baseline(loaders['train'].dataset.targets, res['targs'])
     r = {'data': str(fd.path), 'out': str(out), 'classes': fd.classes, 'evaluated_on': fd.eval_split,
@@ -437,8 +432,7 @@ def run_scratch(data: str = 'synth', epochs: int = 20, size: int = 32, bs: int =
     if pretrained:
         r['transfer'] = run_transfer(fd, arch, tl_size, bs, epochs, patience, lr_used, ft_epochs, seed, out)
     r['wall_time'] = time.time() - t_start
-    with atomic_path(out/'metrics.json') as tmp: tmp.write_text(json.dumps(r, indent=2))
-    with atomic_path(out/'report.md') as tmp: tmp.write_text(scratch_report(r))
+    write_run(out, r, scratch_report(r))
     return r
 
 # %% ../../nbs/lessons/05_cnn_from_scratch.ipynb #e4c2b4fd

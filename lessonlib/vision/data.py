@@ -19,8 +19,8 @@ from ..losses import CrossEntropyLossFlat, MSELossFlat
 
 # %% auto #0
 __all__ = ['image_extensions', 'imagenet_stats', 'get_image_files', 'open_image', 'to_hwc', 'show_image', 'IntToFloat',
-           'Normalize', 'ImageBlock', 'points_to_norm', 'points_to_pixels', 'Resize', 'RandomResizedCrop', 'MaskBlock',
-           'PointBlock', 'ImageDataLoaders']
+           'Normalize', 'ImageBlock', 'points_to_norm', 'points_to_pixels', 'Resize', 'RandomResizedCrop',
+           'mask_palette', 'MaskBlock', 'PointBlock', 'ImageDataLoaders']
 
 # %% ../../nbs/02_vision_data.ipynb #d8d05cd1
 image_extensions = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
@@ -222,6 +222,12 @@ class RandomResizedCrop(Resize):
 # %% ../../nbs/02_vision_data.ipynb #85b2639d
 _VOID_NAMES = ('void', 'unlabelled', 'unlabeled')
 
+def mask_palette(n: int) -> np.ndarray:
+    "`n` distinct RGB colours in [0, 1], an (n, 3) array: matplotlib's tab20, tab20b and tab20c, then again."
+    import matplotlib
+    base = np.concatenate([np.asarray(matplotlib.colormaps[c].colors) for c in ('tab20', 'tab20b', 'tab20c')])
+    return base[np.arange(n) % len(base)]
+
 def _void_code(codes, void):
     "The class code of `void` (a code, a name in `codes`, or 'auto'), or None."
     if void is None: return None
@@ -253,8 +259,23 @@ class MaskBlock(Block):
     def loss_func(self):
         "Cross-entropy per pixel over the class axis (1), ignoring the void pixels if `void` was given."
         return CrossEntropyLossFlat(axis=1, ignore_index=-100 if self.void_code is None else self.void_code)
-    def show(self, t, ax, **kwargs):
-        ax.imshow(t.cpu().numpy(), cmap='tab20', alpha=0.5, vmin=0, vmax=max(len(self.vocab or ()), 20))
+    def name(self, code: int) -> str:
+        "The class name of `code` (the code itself when there are no names for it)."
+        return str(self.vocab[code]) if self.vocab is not None and 0 <= code < len(self.vocab) else str(code)
+    def show(self, t, ax, alpha=0.5, legend=True, max_legend=8, **kwargs):
+        "Overlay on the picture on `ax` (opaque if none): a colour per class, void black, legend of the largest."
+        m = t.detach().cpu().long().numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.int64)
+        colors = mask_palette(max(len(self.vocab or ()), int(m.max()) + 1 if m.size else 1))
+        if self.void_code is not None and self.void_code < len(colors): colors[self.void_code] = 0.
+        a = alpha if ax.images else 1.
+        ax.imshow(np.concatenate([colors[m], np.full(m.shape + (1,), a)], -1), interpolation='nearest')
+        if not legend: return
+        codes, counts = np.unique(m, return_counts=True)
+        top = codes[np.argsort(-counts, kind='stable')][:max_legend]
+        from matplotlib.patches import Patch
+        handles = [Patch(facecolor=(*colors[c], a), edgecolor='none', label=self.name(int(c))) for c in top]
+        ax.legend(handles=handles, loc='upper center', bbox_to_anchor=(0.5, 0.), ncol=min(3, len(handles)),
+                  fontsize=6, frameon=False, handlelength=1, columnspacing=0.8, borderaxespad=0.2)
 
 # %% ../../nbs/02_vision_data.ipynb #c2663021
 def _size_of(x):
