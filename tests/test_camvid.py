@@ -165,7 +165,8 @@ def test_builtin_smoke(tmp_path):
 
 
 @pytest.mark.skipif(not (TINY/'codes.txt').exists(),
-                    reason='camvid_tiny is not in the data directory (set LESSONLIB_DATA to ../shared/data)')
+                    reason=f'camvid_tiny is not in the data directory {data_dir()}: `lessonlib data get camvid_tiny` downloads it, '
+                           'or set LESSONLIB_DATA to a folder that has it')
 def test_camvid_tiny_real_frames(tmp_path):
     "The same command runs unchanged on the 100 real CamVid frames (32 classes, void by name)."
     r = run('camvid', '--data', 'camvid_tiny', '--size', '32', '--epochs', '1', '--no-progressive', '--lr', '1e-2',

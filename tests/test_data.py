@@ -21,7 +21,8 @@ from lessonlib.vision.augment import aug_transforms
 
 def _need(name):
     p = data_dir()/name
-    if not p.exists(): pytest.skip(f'sample data set {name} not found in {data_dir()} (set LESSONLIB_DATA to the shared data folder)')
+    if not p.exists(): pytest.skip(f'sample data set {name} is not in the data directory {data_dir()}: '
+                             f"`lessonlib data get {name.removesuffix('_data')}` downloads it, or set LESSONLIB_DATA to a folder that has it")
     return p
 
 @pytest.fixture(scope='module')

@@ -119,7 +119,8 @@ def test_builtin_command(tmp_path):
 
 
 @pytest.mark.skipif(not (data_dir()/'biwi_sample'/'images').exists(),
-                    reason='biwi_sample is not in the data directory (set LESSONLIB_DATA to ../shared/data)')
+                    reason=f'biwi_sample is not in the data directory {data_dir()}: `lessonlib data get biwi_sample` downloads it, '
+                           'or set LESSONLIB_DATA to a folder that has it')
 def test_biwi_sample_command(tmp_path):
     "The real 6-frame sample: centres read safely (weights_only, else the CSV), (row, column) turned into (x, y)."
     r = run('headpose', '--data', 'biwi_sample', '--epochs', '1', '--size', '32', '--bs', '4', '--lr', '1e-3', '--out', str(tmp_path))

@@ -20,7 +20,8 @@ def check_outputs(out: Path):
 
 
 @pytest.mark.skipif(not (data_dir()/'planet_tiny'/'labels.csv').exists(),
-                    reason='planet_tiny is not in the data directory (set LESSONLIB_DATA to ../shared/data)')
+                    reason=f'planet_tiny is not in the data directory {data_dir()}: `lessonlib data get planet_tiny` downloads it, '
+                           'or set LESSONLIB_DATA to a folder that has it')
 def test_planet_tiny_real_chips(tmp_path):
     "The same command runs unchanged on the 200 real Planet chips."
     r = run('planet', '--data', 'planet_tiny', '--size', '32', '--epochs', '1', '--out', str(tmp_path))

@@ -210,7 +210,8 @@ def test_cli_bad_options_one_line(args, msg, capsys):
 
 # ---------------------------------------------------------------- real samples
 @pytest.mark.skipif(not (data_dir()/'hymenoptera_data'/'train').is_dir(),
-                    reason='hymenoptera_data is not in the data directory (set LESSONLIB_DATA to ../shared/data)')
+                    reason=f'hymenoptera_data is not in the data directory {data_dir()}: `lessonlib data get hymenoptera` downloads it, '
+                           'or set LESSONLIB_DATA to a folder that has it')
 def test_hymenoptera(tmp_path):
     "Ants and bees: train/ and val/, no test/: results on the validation set, with the majority baseline beside them."
     m = run_scratch('hymenoptera', epochs=1, out=tmp_path)
@@ -222,7 +223,8 @@ def test_hymenoptera(tmp_path):
 
 
 @pytest.mark.skipif(not (data_dir()/'mnist_tiny'/'valid').is_dir(),
-                    reason='mnist_tiny is not in the data directory (set LESSONLIB_DATA to ../shared/data)')
+                    reason=f'mnist_tiny is not in the data directory {data_dir()}: `lessonlib data get mnist_tiny` downloads it, '
+                           'or set LESSONLIB_DATA to a folder that has it')
 def test_mnist_tiny_valid_folder_unlabelled_test(tmp_path):
     "Grey digits, a valid/ folder, and a test/ folder without class folders (unlabelled)."
     with pytest.warns(UserWarning, match='no class folders'):
