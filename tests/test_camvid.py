@@ -162,6 +162,8 @@ def test_builtin_smoke(tmp_path):
     assert set(m['per_class_iou']) == set(CAMVID_CODES) and m['per_class_iou']['Void'] is None
     assert 0 < m['accuracy_baseline_majority'] < 1 and 0 <= m['mean_iou'] <= 1
     assert 'accuracy' in r.stdout and 'mean IoU' in r.stdout   # (learning is checked by the lesson notebook in CI)
+    assert 'stage 1 (32x32): encoder frozen' in r.stdout and 'stage 2 (32x32): unfrozen' in r.stdout
+    assert not (tmp_path/'out'/'models').exists()               # checkpoints only with --checkpoints
 
 
 @pytest.mark.skipif(not (TINY/'codes.txt').exists(),
@@ -176,3 +178,12 @@ def test_camvid_tiny_real_frames(tmp_path):
     assert (m['images_train'], m['images_valid']) == (85, 15) and len(m['codes']) == 32 and m['void'] == 30
     assert m['majority_class'] in ('Road', 'Building') and 0 < m['accuracy_baseline_majority'] < 0.5
     assert 0 <= m['mean_iou'] <= 1 and 0 <= m['accuracy'] <= 1 and not (tmp_path/'lr_find.png').exists()
+
+
+def test_checkpoints_when_asked(tmp_path):
+    "--checkpoints keeps the weights (and optimizer state) after each stage."
+    env = {'LESSONLIB_DATA': str(tmp_path/'data')}
+    r = run('camvid', '--n', '12', '--size', '32', '--epochs', '1', '--no-progressive', '--lr', '1e-2', '--checkpoints',
+            '--out', str(tmp_path/'out'), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path/'out'/'models').iterdir()) == ['stage-1-32x32.pth', 'stage-2-32x32.pth']

@@ -42,6 +42,8 @@ def test_builtin_smoke(tmp_path):
     m = check_outputs(tmp_path/'out')
     assert m['sizes'] == [32] and len(m['history']) == 4
     assert m['f2'] > m['f2_baseline_clear_primary'] + 0.05, m   # well above always answering 'clear primary'
+    assert 'stage 1 (32 px): body frozen' in r.stdout and 'stage 2 (32 px): unfrozen' in r.stdout
+    assert not (tmp_path/'out'/'models').exists()               # checkpoints only with --checkpoints
 
 
 @pytest.mark.parametrize('args, msg', [

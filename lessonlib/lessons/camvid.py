@@ -140,16 +140,21 @@ def camvid_learner(dls, arch: str = 'resnet34', pretrained: bool = True, path='.
     return learn
 
 # %% ../../nbs/lessons/02_camvid.ipynb #e83538ab
-def camvid_stages(learn, epochs, lr: float, name: str) -> list:
-    "Frozen: one cycle at slice(lr), pct_start 0.9, save; unfrozen: one cycle at slice(lr/400, lr/4), save. History."
+def camvid_stages(learn, epochs, lr: float, name: str, save: bool = True) -> list:
+    "Frozen: one cycle at slice(lr), pct_start 0.9; unfrozen: slice(lr/400, lr/4); `save` each. The history."
     e1, e2 = (epochs, epochs) if isinstance(epochs, int) else epochs
     history = []
     learn.freeze()
+    print(f'stage 1 ({name}): encoder frozen, {e1} epoch(s) of one cycle at lr {lr:.2e}', flush=True)
     learn.fit_one_cycle(e1, slice(lr), pct_start=0.9)
-    learn.save(f'stage-1-{name}'); history += learn.recorder.values
+    if save: learn.save(f'stage-1-{name}')
+    history += learn.recorder.values
     learn.unfreeze()
+    print(f'stage 2 ({name}): unfrozen, {e2} epoch(s) at lr {lr / 400:.2e} (encoder start) to {lr / 4:.2e} (decoder)',
+          flush=True)
     learn.fit_one_cycle(e2, slice(lr / 400, lr / 4))
-    learn.save(f'stage-2-{name}'); history += learn.recorder.values
+    if save: learn.save(f'stage-2-{name}')
+    history += learn.recorder.values
     return history
 
 # %% ../../nbs/lessons/02_camvid.ipynb #3a87cb2b
@@ -210,7 +215,7 @@ def _plot_history(history):
 # %% ../../nbs/lessons/02_camvid.ipynb #4e845e27
 def run_camvid(data: str = 'synth', size: int = 32, epochs: int = 1, arch: str = 'resnet18', pretrained: bool = False,
                out='camvid_out', bs: int = 8, seed: int = 42, lr: str = 'valley', n: int = 120,
-               progressive: bool = True) -> dict:
+               progressive: bool = True, checkpoints: bool = False) -> dict:
     "Train the CamVid lesson end to end; write metrics.json, report.md, plots and the exported model to `out`."
     start = time.time()
     lr = parse_lr(lr)
@@ -227,7 +232,7 @@ def run_camvid(data: str = 'synth', size: int = 32, epochs: int = 1, arch: str =
         if k: learn.dls = dls.new(size=sz)
         learn.freeze()
         lrs.append(_find_lr(learn, lr, out/('lr_find.png' if k == 0 else 'lr_find_big.png')))
-        history += camvid_stages(learn, epochs, lrs[-1], f'{sz[0]}x{sz[1]}')
+        history += camvid_stages(learn, epochs, lrs[-1], f'{sz[0]}x{sz[1]}', save=checkpoints)
     fig, axs = plt.subplots(1, 2, figsize=(11, 3.5))
     learn.recorder.plot_lr(ax=axs[0]); learn.recorder.plot_loss(skip_start=0, ax=axs[1])
     save_fig(out/'lr_loss_last_stage.png', fig)
@@ -280,5 +285,7 @@ register_lesson('camvid', run_camvid, 'segment street scenes (CamVid) with a U-N
                              'out': 'output folder', 'bs': 'batch size', 'seed': 'random seed',
                              'lr': "learning rate: a number, or an lr_find suggestion (valley, slide, minimum, steep)",
                              'n': 'scenes in the built-in set',
-                             'progressive': 'train at --size only (no second, larger size)'},
+                             'progressive': 'train at --size only (no second, larger size)',
+                             'checkpoints': 'also keep the weights and optimizer state after each stage in OUT/models '
+                                            '(hundreds of MB); the exported model is always written'},
                 types={'seed': int, 'out': str, 'lr': str}, choices={'arch': ARCHS}, summary=camvid_summary);

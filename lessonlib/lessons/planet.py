@@ -70,16 +70,22 @@ def unfrozen_lrs(lr: float) -> slice:
     "The lesson's rule for stage 2: `slice(1e-5, lr/5)`, the lower end kept below the upper one."
     return slice(min(1e-5, lr / 50), lr / 5)
 
-def train_stages(learn, epochs: int, lr: float, name: str, look: bool = True) -> list:
-    "Stage 1: body frozen, one cycle at `slice(lr)`, save; stage 2: unfreeze, (`look`: lr_find), one cycle at `unfrozen_lrs(lr)`, save."
+def train_stages(learn, epochs: int, lr: float, name: str, look: bool = True, save: bool = True) -> list:
+    "Stage 1: body frozen, one cycle at `slice(lr)`; stage 2: unfreeze, (`look`: lr_find), `unfrozen_lrs(lr)`; `save` each."
     history = []
     learn.freeze()
+    print(f'stage 1 ({name} px): body frozen, {epochs} epoch(s) of one cycle at lr {lr:.2e}', flush=True)
     learn.fit_one_cycle(epochs, slice(lr))
-    learn.save(f'stage-1-{name}'); history += learn.recorder.values
+    if save: learn.save(f'stage-1-{name}')
+    history += learn.recorder.values
     learn.unfreeze()
     if look: learn.lr_find()        # look at the unfrozen curve: flatter, and the loss rises sooner
-    learn.fit_one_cycle(epochs, unfrozen_lrs(lr))
-    learn.save(f'stage-2-{name}'); history += learn.recorder.values
+    lrs = unfrozen_lrs(lr)
+    print(f'stage 2 ({name} px): unfrozen, {epochs} epoch(s) at lr {lrs.start:.2e} (first layers) '
+          f'to {lrs.stop:.2e} (head)', flush=True)
+    learn.fit_one_cycle(epochs, lrs)
+    if save: learn.save(f'stage-2-{name}')
+    history += learn.recorder.values
     return history
 
 # %% ../../nbs/lessons/01_planet.ipynb #38cbb9d8
@@ -100,7 +106,8 @@ def baseline_f2(targs, vocab, tags=('clear', 'primary')) -> float:
 
 # %% ../../nbs/lessons/01_planet.ipynb #9654ec69
 def run_planet(data: str = 'synth', size: int = 32, epochs: int = 2, arch: str = 'resnet18', pretrained: bool = False,
-               out='planet_out', bs: int = 32, seed: int = 42, n: int = 1200, progressive: bool = True) -> dict:
+               out='planet_out', bs: int = 32, seed: int = 42, n: int = 1200, progressive: bool = True,
+               checkpoints: bool = False) -> dict:
     "Train the Planet lesson end to end; write metrics.json, lr_find.png, loss.png, the exported model and report.md to `out`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     set_seed(seed)
@@ -109,12 +116,12 @@ def run_planet(data: str = 'synth', size: int = 32, epochs: int = 2, arch: str =
     learn = planet_learner(dls, arch, pretrained=pretrained, path=out)
     learn.freeze()
     lrs = learn.lr_find(); save_fig(out/'lr_find.png'); lr = lrs.valley
-    history = train_stages(learn, epochs, lr, str(size), look=False)   # nobody looks at a plot mid-command: save the time
+    history = train_stages(learn, epochs, lr, str(size), look=False, save=checkpoints)   # no one looks mid-command
     sizes, lr_big = [size], None
     if progressive:
         learn.dls = dls.new(size=2 * size); learn.freeze(); sizes.append(2 * size)
         lr_big = learn.lr_find().valley; save_fig(out/'lr_find_big.png')
-        history += train_stages(learn, epochs, lr_big, str(2 * size), look=False)
+        history += train_stages(learn, epochs, lr_big, str(2 * size), look=False, save=checkpoints)
     probs, targs = learn.get_preds()    # one validation pass serves the threshold and the baseline
     thresh, f2, threshs, scores = best_threshold(probs, targs)
     learn.loss_func.thresh = thresh
@@ -159,5 +166,7 @@ register_lesson('planet', run_planet, 'train the Planet multi-label lesson end t
                              'epochs': 'epochs per training stage', 'arch': 'the ResNet body',
                              'pretrained': "start from torchvision's ImageNet weights (a download)",
                              'out': 'output folder', 'bs': 'batch size', 'seed': 'random seed',
-                             'n': 'images in the built-in set', 'progressive': 'train at --size only (no second, larger size)'},
+                             'n': 'images in the built-in set', 'progressive': 'train at --size only (no second, larger size)',
+                             'checkpoints': 'also keep the weights and optimizer state after each stage in OUT/models '
+                                            '(hundreds of MB); the exported model is always written'},
                 types={'seed': int, 'out': str}, choices={'arch': ARCHS}, summary=planet_summary);
