@@ -16,7 +16,8 @@ from .loop import Callback, CancelFitException, batch_size, weighted_mean
 
 # %% auto #0
 __all__ = ['Recorder', 'format_row', 'progress_mode', 'ProgressBar', 'ProgressCallback', 'MixedPrecision', 'GradientClip',
-           'TrackerCallback', 'EarlyStopper', 'EarlyStoppingCallback', 'SaveModelCallback', 'ParamScheduler']
+           'NonFiniteLossError', 'nonfinite_weights', 'TerminateOnNaN', 'TrackerCallback', 'EarlyStopper',
+           'EarlyStoppingCallback', 'SaveModelCallback', 'ParamScheduler']
 
 # %% ../nbs/09_callbacks.ipynb #3ab8a707
 class Recorder(Callback):
@@ -215,6 +216,35 @@ class GradientClip(Callback):
         if learn.grad_scaler is not None: learn.grad_scaler.unscale_(learn.opt)
         nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm)
 
+# %% ../nbs/09_callbacks.ipynb #a262f46d
+class NonFiniteLossError(FloatingPointError):
+    "The training loss became NaN or infinite: training stopped."
+
+def nonfinite_weights(model: nn.Module) -> list[str]:
+    "Names of the floating-point parameters and buffers of `model` holding a NaN or an infinity (one device sync)."
+    named = [(k, v) for k, v in model.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()]
+    flags = [v.detach().isfinite().all() for _, v in named]
+    try: ok = torch.stack(flags).tolist() if flags else []
+    except RuntimeError: ok = [bool(f) for f in flags]   # weights on several devices
+    return [k for (k, _), good in zip(named, ok) if not good]
+
+class TerminateOnNaN(Callback):
+    "Stop the fit with `NonFiniteLossError` (naming epoch, batch and learning rate) at the first NaN or infinite training loss."
+    order = -5
+    def after_loss(self, learn):
+        if not learn.training or learn.loss is None or bool(torch.isfinite(learn.loss.detach()).all()): return
+        lr = ', '.join(f'{v:.3g}' for v in sorted({g['lr'] for g in learn.opt.param_groups}))
+        n = len(learn.dl) if hasattr(learn.dl, '__len__') else '?'
+        bad = nonfinite_weights(learn.model)
+        state = (f'the weights are already broken ({", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""} hold NaN/inf): '
+                 'reload a checkpoint (learn.load) or start again' if bad else
+                 'the weights are those of the last good step (this batch updated nothing)')
+        raise NonFiniteLossError(
+            f'The training loss became {learn.loss.detach().float().mean().item()} at epoch {learn.epoch} (numbered as in '
+            f'the table), batch {learn.iter + 1} of {n}, learning rate {lr}: training stopped, and {state}. '
+            'Try a lower learning rate (learn.lr_find()), clip the gradients (cbs=GradientClip()), '
+            'or look for NaN/inf values in the data.')
+
 # %% ../nbs/09_callbacks.ipynb #fcc97171
 class TrackerCallback(Callback):
     "Watch `monitor` in the epoch table; `self.improved` says whether this epoch beat the best so far."
@@ -232,7 +262,7 @@ class TrackerCallback(Callback):
         "Record `value` for `epoch` (default: the next one); True when it beats the best so far by more than `min_delta`."
         self.epoch = self.epoch + 1 if epoch is None else epoch
         delta = -self.min_delta if self.comp(0, 1) else self.min_delta     # comp(0, 1) is True when lower is better
-        valid = value is not None and not (isinstance(value, float) and math.isnan(value))
+        valid = value is not None and math.isfinite(value)
         self.improved = valid and (self.best is None or bool(self.comp(value - delta, self.best)))
         if self.improved: self.best, self.best_epoch = value, self.epoch
         return self.improved
@@ -243,7 +273,9 @@ class TrackerCallback(Callback):
             raise ValueError(f'{type(self).__name__}: cannot monitor {self.monitor!r}; the epoch table has {names[1:-1]}')
         self.reset()
 
-    def after_epoch(self, learn): self.update(learn.recorder.values[-1][self.monitor], learn.epoch)
+    def after_epoch(self, learn):
+        value = learn.recorder.values[-1][self.monitor]
+        self.update(None if nonfinite_weights(learn.model) else value, learn.epoch)   # broken weights are never best
 
 # %% ../nbs/09_callbacks.ipynb #7ebc0dc3
 class EarlyStopper(TrackerCallback):
@@ -260,6 +292,7 @@ class EarlyStopper(TrackerCallback):
 
     def step(self, value, model: nn.Module | None = None, epoch: int | None = None) -> bool:
         "Record this epoch's `value` (keeping `model`'s weights when it is the best so far); True when it is time to stop."
+        if model is not None and nonfinite_weights(model): value = None   # broken weights are never the best
         if self.update(value, epoch):
             self.wait = 0
             if model is not None and (self.restore_best or self.fname is not None): self.keep(model)
@@ -281,8 +314,7 @@ class EarlyStopper(TrackerCallback):
         return model
 
     def after_epoch(self, learn):
-        keep = self.restore_best or self.fname is not None
-        if self.step(learn.recorder.values[-1][self.monitor], learn.model if keep else None, learn.epoch):
+        if self.step(learn.recorder.values[-1][self.monitor], learn.model, learn.epoch):
             best = 'none' if self.best is None else f'{self.best:.6f}'
             print(f'No improvement in {self.monitor} for {self.wait} epochs (best {best} at epoch '
                   f'{self.best_epoch}): stopping early.')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_download.ipynb #4746dcc7
 from __future__ import annotations
-import hashlib, http.client, json, lzma, os, posixpath, re, shutil, sys, tarfile, tempfile, time
+import collections, errno, hashlib, http.client, json, lzma, os, posixpath, re, shutil, sys, tarfile, tempfile, time
 import urllib.error, urllib.request, zipfile, zlib
 from pathlib import Path
 
@@ -106,16 +106,20 @@ def _bar(total, initial, desc, progress):
     return tqdm(total=total, initial=initial, desc=desc, unit='B', unit_scale=True, unit_divisor=1024,
                 leave=False, disable=not _show_progress(progress))
 
-def _save_chunks(chunks, part: Path, mode: str, total, have: int, progress) -> int:
-    "Append (mode 'ab') or write (mode 'wb') the byte `chunks` to `part`; return the size of `part` after."
+def _save_chunks(chunks, part: Path, mode: str, total, have: int, progress, limit=None) -> int:
+    "Append (mode 'ab') or write (mode 'wb') the byte `chunks` to `part`, never past `limit` bytes; return its size."
     with open(part, mode) as f, _bar(total, have, part.name.removesuffix('.part'), progress) as bar:
         for chunk in chunks:
+            if limit is not None and have + len(chunk) > limit: raise _TooBig('the server kept sending past the limit')
             f.write(chunk); have += len(chunk); bar.update(len(chunk))
     return have
 
 # %% ../nbs/14_download.ipynb #4bc554e0
 class _Incomplete(Exception):
     "The server closed the connection before sending all bytes."
+
+class _TooBig(Exception):
+    "The download is bigger than its size limit."
 
 def _read_meta(part: Path) -> dict:
     "The resume information saved beside `part` (empty if none or unreadable)."
@@ -126,8 +130,27 @@ def _drop_part(part: Path):
     "Delete a partial download and its resume information."
     for p in (part, part.with_name(part.name + '.json')): p.unlink(missing_ok=True)
 
-def _fetch(url, part: Path, resumable: bool, timeout, progress):
-    "One attempt: request `url` (only the missing end of `part` if `resumable`) and save the bytes into `part`."
+def _bad_header(url, name, value) -> DownloadError:
+    "The error for a header we cannot read."
+    return DownloadError(f'Could not download {url}: the server sent a malformed {name} header ({value!r}). '
+                         'Try again later; if it keeps happening, the server or a proxy on the way is broken.')
+
+def _range_start(r, url) -> int:
+    "The first byte of a partial (206) answer, from its `Content-Range: bytes START-END/TOTAL` header."
+    value = r.headers.get('Content-Range')
+    m = re.fullmatch(r'\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*', value or '')
+    if m is None or int(m[1]) > int(m[2]): raise _bad_header(url, 'Content-Range', value)
+    return int(m[1])
+
+def _content_length(r, url):
+    "The number of bytes the answer announces, or None when it does not say."
+    value = r.headers.get('Content-Length')
+    if value is None: return None
+    if not re.fullmatch(r'\s*[0-9]+\s*', value): raise _bad_header(url, 'Content-Length', value)
+    return int(value)
+
+def _fetch(url, part: Path, resumable: bool, timeout, progress, limit=None):
+    "One attempt: request `url` (only the missing end of `part` if `resumable`) and save at most `limit` bytes into `part`."
     meta = _read_meta(part)
     same = meta.get('url') == url.split('?')[0]   # without the query: signed URLs change their signature
     have = part.stat().st_size if part.exists() and resumable and same else 0
@@ -137,42 +160,65 @@ def _fetch(url, part: Path, resumable: bool, timeout, progress):
         if meta.get('validator'): headers['If-Range'] = meta['validator']
     opener = urllib.request.build_opener()   # a new one each time: it reads the proxy settings of this moment
     with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
-        start = int(re.match(r'bytes (\d+)-', r.headers.get('Content-Range', 'bytes 0-')).group(1))
-        if have and r.status == 206 and start != have:
+        partial = r.status == 206
+        if partial and _range_start(r, url) != have:
             _drop_part(part); raise _Incomplete('the server sent the wrong part of the file; starting again')
-        if r.status != 206: have = 0   # the server sends the whole file: start again
-        length = r.headers.get('Content-Length')
-        total = have + int(length) if length is not None else None
+        if not partial: have = 0   # the server sends the whole file: start again
+        length = _content_length(r, url)
+        total = have + length if length is not None else None
+        if limit is not None and total is not None and total > limit: raise _TooBig(f'it has {total:,} bytes')
         if not have:
             part.with_name(part.name + '.json').write_text(json.dumps(
                 {'url': url.split('?')[0], 'validator': r.headers.get('ETag') or r.headers.get('Last-Modified')}))
-        have = _save_chunks(iter(lambda: r.read(_CHUNK), b''), part, 'ab' if have else 'wb', total, have, progress)
+        mode = 'ab' if have else 'wb'
+        have = _save_chunks(iter(lambda: r.read(_CHUNK), b''), part, mode, total, have, progress, limit)
     if total is not None and have < total: raise _Incomplete(f'the connection closed after {have:,} of {total:,} bytes')
 
 # %% ../nbs/14_download.ipynb #fc3dfd90
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+_RESERVE = 64 * 2**20   # keep this much of the disk free (or a tenth of it, if less) when the size is unknown
+
+def _free_space(folder: Path) -> int:
+    "Free bytes on the disk holding `folder`."
+    return shutil.disk_usage(folder).free
+
 def download_url(url: str, dest, size=None, sha256=None, md5_head=None, retries: int = 3, wait: float = 1.0,
-                 timeout: float = 30, progress=None) -> Path:
-    "Download `url` to the file `dest` with a progress bar, resuming after interruptions; check it; rename it into place."
+                 timeout: float = 30, progress=None, max_size: int | None = None) -> Path:
+    "Download `url` to the file `dest` (at most `max_size` bytes, default the free space), resuming; check; rename into place."
     dest = Path(dest)
     if dest.exists(): return dest   # only ever renamed into place once complete and checked
     part = dest.with_name(dest.name + '.part')
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Resume only when the result can be checked: the server names its version, or we know the size or hash.
     resumable = bool(_read_meta(part).get('validator') or size or sha256)
-    if size and shutil.disk_usage(dest.parent).free < size - (part.stat().st_size if part.exists() else 0):
+    have, free = (part.stat().st_size if part.exists() else 0), _free_space(dest.parent)
+    if size and free < size - have:
         raise DownloadError(f'Not enough free disk space in {dest.parent} for {url} ({size/2**30:.1f} GiB): '
                             f'free some space or set {DATA_ENV} to a folder on a bigger disk.')
+    limit = max_size if max_size is not None else have + free - min(_RESERVE, free // 10)
     for attempt in range(retries + 1):
         try:
-            _fetch(url, part, resumable or attempt > 0, timeout, progress)
+            _fetch(url, part, resumable or attempt > 0, timeout, progress, limit)
             break
+        except _TooBig as e:
+            _drop_part(part)
+            why = 'the max_size you gave' if max_size is not None else f'the free space in {dest.parent}'
+            raise DownloadError(f'Stopped downloading {url}: {e}; the size limit is {limit:,} bytes ({why}). '
+                                'The partial file was deleted. If you expect a file this big, pass a bigger max_size '
+                                f'or set {DATA_ENV} to a folder on a bigger disk.') from None
         except urllib.error.HTTPError as e:
             if e.code == 416: _drop_part(part); err = e; continue   # our part is longer than the file: restart
             if e.code < 500 and e.code != 429:
                 raise DownloadError(f'Could not download {url}: the server answered {e.code} {e.reason}. '
                                     'Check the URL (is it spelled right, is the file still there?).') from None
             err = e
-        except (_Incomplete, urllib.error.URLError, http.client.HTTPException, OSError) as e: err = e
+        except (_Incomplete, urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:   # the disk, not the network: retrying won't help
+                _drop_part(part)
+                raise DownloadError(f'Could not save {url} into {part.parent}: {e.strerror}. The partial file was '
+                                    f'deleted; free some space (or fix the permissions), or set {DATA_ENV} to another '
+                                    'folder, then run the same command again.') from None
+            err = e
         if attempt < retries: time.sleep(wait * 2 ** attempt)
     else:
         got = part.stat().st_size if part.exists() else 0
@@ -214,33 +260,72 @@ def _check_total(total: int, max_size: int, archive, folder: Path):
                            f'free some space or set {DATA_ENV} to a folder on a bigger disk.')
 
 # %% ../nbs/14_download.ipynb #5e9554d7
+def _first_symlink(path: str, symlinks: set):
+    "Follow the archive-relative `path` name by name: the first of `symlinks` it meets (itself included), '..' if it climbs out."
+    here = []
+    for part in path.split('/'):
+        if part == '..':
+            if not here: return '..'
+            here.pop()
+        elif part not in ('', '.'):
+            here.append(part)
+            if '/'.join(here) in symlinks: return '/'.join(here)
+    return None
+
+def _refuse(archive, m, why) -> UnsafeArchiveError:
+    "The error refusing the tar member `m` because of `why`."
+    what = f"symlink '{m.name}' -> '{m.linkname}'" if m.issym() else (
+        f"hard link '{m.name}' -> '{m.linkname}'" if m.islnk() else f"entry '{m.name}'")
+    return UnsafeArchiveError(f'{archive}: refusing {what}: {why}.')
+
+def _check_link(m, name: str, symlinks: set, files: set, count: dict, archive):
+    "Refuse the link `m` (normalised name `name`) unless it points to a place inside, through no symlink."
+    if name == '.' or count[name] > 1: raise _refuse(archive, m, 'a link must have a name of its own, used once')
+    if m.linkname.startswith(('/', '\\')) or re.match(r'^[A-Za-z]:', m.linkname):
+        raise _refuse(archive, m, 'it points to an absolute path, outside the destination')
+    target = posixpath.join(posixpath.dirname(name), m.linkname) if m.issym() else m.linkname
+    hit = _first_symlink(target, symlinks)
+    if hit == '..': raise _refuse(archive, m, 'it points outside the destination')
+    if hit is not None: raise _refuse(archive, m, f"its target goes through the symlink '{hit}' (links to links are refused)")
+    if m.islnk() and posixpath.normpath(target) not in files:
+        raise _refuse(archive, m, 'a hard link must point to a regular file that comes before it in the archive')
+
+def _on_disk_link(folder: Path, name: str):
+    "The first part of `folder/name` that is already a symlink on disk, or None."
+    p = folder
+    for part in name.split('/'):
+        if part in ('', '.'): continue
+        p = p/part
+        if p.is_symlink(): return p
+    return None
+
 def _tar_members(tf: tarfile.TarFile, archive, max_size, folder) -> list:
-    "The members of `tf`, after refusing any that would write outside the destination."
-    members, links, total = tf.getmembers(), set(), 0
-    for m in members:
+    "The members of `tf`, links last, after refusing any that could write outside the destination."
+    members = tf.getmembers()
+    names = [posixpath.normpath(m.name) for m in members]
+    symlinks = {n for m, n in zip(members, names) if m.issym()}
+    links = {n for m, n in zip(members, names) if m.issym() or m.islnk()}
+    count, files, total = collections.Counter(names), set(), 0
+    for m, name in zip(members, names):
         _check_name(m.name, archive)
-        parents = Path(posixpath.normpath(m.name)).parents
-        if any(str(p) in links for p in parents):
-            raise UnsafeArchiveError(f"{archive}: refusing entry '{m.name}': it would be written through a link.")
-        if m.issym():
-            target = m.linkname if m.linkname.startswith('/') else posixpath.join(posixpath.dirname(m.name), m.linkname)
-            if not _inside(target):
-                raise UnsafeArchiveError(f"{archive}: refusing symlink '{m.name}' -> '{m.linkname}': it points outside the destination.")
-            links.add(posixpath.normpath(m.name))
-        elif m.islnk():
-            if not _inside(m.linkname):
-                raise UnsafeArchiveError(f"{archive}: refusing hard link '{m.name}' -> '{m.linkname}': it points outside the destination.")
-        elif not (m.isfile() or m.isdir()):
-            raise UnsafeArchiveError(f"{archive}: refusing '{m.name}': a device file or FIFO has no place in a data set.")
+        if any(str(p) in links for p in Path(name).parents):
+            raise _refuse(archive, m, 'it would be written through a link')
+        if (p := _on_disk_link(folder, name)) is not None:
+            raise _refuse(archive, m, f'{p} is already a symlink in the destination')
+        if m.issym() or m.islnk(): _check_link(m, name, symlinks, files, count, archive)
+        elif m.isfile(): files.add(name)
+        elif not m.isdir(): raise _refuse(archive, m, 'a device file or FIFO has no place in a data set')
         total += m.size
     _check_total(total, max_size, archive, folder)
-    return members
+    # Links last: while files are written no link exists; hard links (to files) before symlinks.
+    return ([m for m in members if not (m.issym() or m.islnk())] + [m for m in members if m.islnk()]
+            + [m for m in members if m.issym()])
 
 def _extract_tar(archive, folder: Path, max_size):
     "Check and unpack the tar (optionally compressed) `archive` into `folder`."
     with tarfile.open(archive) as tf:
         members = _tar_members(tf, archive, max_size, folder)
-        # Python's own 'data' filter (3.10.12+) checks every path again, against the real folder on disk.
+        # Python's own 'data' filter (3.10.12+, 3.11.4+) checks every path again, against the real folder on disk.
         kw = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
         try: tf.extractall(folder, members=members, **kw)
         except getattr(tarfile, 'FilterError', ()) as e: raise UnsafeArchiveError(f'{archive}: refusing to unpack: {e}') from None

@@ -4,8 +4,8 @@
 
 # %% ../nbs/12_learner.ipynb #e5a48bce
 from __future__ import annotations
-import math
-from pathlib import Path
+import collections, enum, functools, importlib, json, math, pickle, shutil, types, warnings, weakref
+from pathlib import Path, PurePath
 import numpy as np
 import torch
 import torch.nn as nn
@@ -13,11 +13,12 @@ from .core import default_device, listify, save_atomic
 from .optim import adamw, one_group, lr_per_group, n_layer_groups
 from .schedule import one_cycle_scheds
 from .loop import TrainLoop, Callback, CancelFitException
-from .callbacks import MixedPrecision, ParamScheduler, ProgressCallback, Recorder, TrackerCallback
+from .callbacks import (MixedPrecision, ParamScheduler, ProgressCallback, Recorder, TrackerCallback,
+                                 TerminateOnNaN, nonfinite_weights)
 from .lr_find import LRFinder, LRFinderWidget, plot_lr_find, suggest_lrs
 
 # %% auto #0
-__all__ = ['default_loss', 'Learner', 'load_learner']
+__all__ = ['EXPORT_FORMAT', 'default_loss', 'Learner', 'UnsafeExportError', 'load_learner']
 
 # %% ../nbs/12_learner.ipynb #2ea32510
 def default_loss(dls):
@@ -45,6 +46,15 @@ class _FirstItems:
         if hasattr(self.dl, 'to'): self.dl.to(device)
         return self
 
+def _write(state, file: Path) -> Path:
+    "`torch.save` `state` to `file` atomically, with an error naming the file when the disk refuses."
+    try: return save_atomic(state, file)
+    except (OSError, RuntimeError) as e:   # torch says 'enforce fail at inline_container.cc' when the disk is full
+        free = shutil.disk_usage(file.parent).free if file.parent.exists() else 0
+        raise OSError(f'Could not write {file} ({type(e).__name__}: {str(e)[:200]}); {free/2**20:.1f} MiB are free '
+                      'there. Is the disk full or the folder read-only? The file that was there, if any, is intact '
+                      'and nothing half-written is left. Free some space or write elsewhere (learn.path).') from e
+
 class Learner(TrainLoop):
     "A `TrainLoop` with history, progress, one-cycle training, freezing, lr_find, mixed precision, saving and predicting."
     def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=adamw, lr: float = 1e-3, wd: float = 0.01,
@@ -52,7 +62,7 @@ class Learner(TrainLoop):
                  wd_bn_bias: bool = False, device=None, moms=(0.95, 0.85, 0.95)):
         loss_func = default_loss(dls) if loss_func is None else loss_func
         self.recorder = Recorder()
-        cbs = [self.recorder, ProgressCallback()] + listify(cbs)
+        cbs = [self.recorder, ProgressCallback(), TerminateOnNaN()] + listify(cbs)
         super().__init__(dls, model, loss_func, opt_func, lr, wd, metrics, cbs, splitter, wd_bn_bias, device)
         self.path, self.model_dir, self.moms = Path(path), model_dir, moms
 
@@ -112,7 +122,8 @@ class Learner(TrainLoop):
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
         had_opt = self.opt is not None
         if not had_opt: self.create_opt()
-        keep = [cb for cb in self.cbs if not isinstance(cb, (Recorder, ProgressCallback, TrackerCallback))]
+        skip = (Recorder, ProgressCallback, TrackerCallback, TerminateOnNaN)   # the sweep is meant to diverge
+        keep = [cb for cb in self.cbs if not isinstance(cb, skip)]
         try: self._fit(math.ceil(num_it / max(len(self.dls.train), 1)), keep + [finder])
         finally:
             if not had_opt: self.opt = None
@@ -126,11 +137,20 @@ class Learner(TrainLoop):
 
     def _ckpt(self, name: str) -> Path: return self.path/self.model_dir/f'{name}.pth'
 
+    def _check_weights(self, what: str, file: Path):
+        "Refuse to write `file` when the weights hold NaN or infinities (a diverged fit)."
+        bad = nonfinite_weights(self.model)
+        if bad:
+            raise ValueError(f'Not {what} {file}: the weights of {", ".join(bad[:3])}{", ..." if len(bad) > 3 else ""} '
+                             'hold NaN or infinite values (the training diverged); the file there, if any, is kept. '
+                             'Load a good checkpoint (learn.load) or train again with a lower learning rate.')
+
     def save(self, name: str, with_opt: bool = True) -> Path:
-        "Save model weights (and optimizer state) to `path/model_dir/name.pth`, atomically."
+        "Save model weights (and optimizer state) to `path/model_dir/name.pth`, atomically; never NaN weights."
+        self._check_weights('saving', self._ckpt(name))
         state = {'model': self.model.state_dict()}
         if with_opt and self.opt is not None: state['opt'] = self.opt.state_dict()
-        return save_atomic(state, self._ckpt(name))
+        return _write(state, self._ckpt(name))
 
     def load(self, name: str, with_opt: bool = True, strict: bool = True):
         "Load weights (and optimizer state) saved by `save(name)`."
@@ -138,7 +158,15 @@ class Learner(TrainLoop):
         if not file.exists():
             have = sorted(p.stem for p in file.parent.glob('*.pth')) if file.parent.exists() else []
             raise FileNotFoundError(f'no checkpoint {file}; saved checkpoints there: {have or "none"}')
-        state = torch.load(file, map_location=self.device, weights_only=True)
+        try: state = torch.load(file, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError:
+            raise UnsafeExportError(f'{file} holds pickled Python objects, not only weights: loading it could run code, '
+                                    'so load refuses it. Load checkpoints written by learn.save.') from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise ValueError(f'{file} is damaged (cut short, or not a checkpoint): {type(e).__name__}: {e}. '
+                             'Load another checkpoint, or save this one again.') from None
+        if not isinstance(state, dict) or 'model' not in state:
+            raise ValueError(f'{file} is not a checkpoint written by learn.save (an export? use load_learner).')
         self.model.load_state_dict(state['model'], strict=strict)
         if with_opt and 'opt' in state:
             if self.opt is None: self.create_opt()
@@ -146,12 +174,20 @@ class Learner(TrainLoop):
         return self
 
     def export(self, fname: str = 'export.pkl') -> Path:
-        "Save model, loss, metrics and an empty copy of the data pipeline to `path/fname`, for `load_learner`."
+        "Save what inference needs to `path/fname`: the weights as plain tensors, the rest described in JSON; no pickle."
+        file = self.path/fname
+        self._check_weights('exporting to', file)
         from_datablock = getattr(self.dls, 'dsets', None) is not None       # plain torch loaders have no pipeline to keep
         dls = self.dls.new_empty() if from_datablock else None
         state = {'model': self.model, 'dls': dls, 'loss_func': self.loss_func, 'metrics': self.metrics,
                  'splitter': self.splitter, 'lr': self.lr, 'wd': self.wd, 'opt_func': self.opt_func}
-        return save_atomic(state, self.path/fname)
+        describe = _Describer()
+        learner = describe(state)
+        vocab = getattr(dls, 'vocab', None)
+        text = json.dumps({'format': EXPORT_FORMAT, 'model': type(self.model).__name__,
+                           'vocab': [str(v) for v in vocab] if vocab is not None else None,
+                           'loss': repr(self.loss_func)[:200], 'learner': learner}, allow_nan=False)
+        return _write({'format': EXPORT_FORMAT, 'description': text, 'tensors': describe.tensors}, file)
 
     def predict(self, item):
         "Predict one raw item: returns (decoded label(s), decoded tensor, probabilities)."
@@ -189,12 +225,221 @@ class Learner(TrainLoop):
         fig.tight_layout()
         return axs
 
+# %% ../nbs/12_learner.ipynb #0e4297df
+EXPORT_FORMAT = 'lessonlib-learner/2'
+
+class UnsafeExportError(ValueError):
+    "An exported learner that cannot be loaded safely: an old pickle export, or a name outside what is trusted."
+
+# Where the classes and functions named in an export may come from (a module, or a package and its modules).
+_OBJ_MODULES = ('lessonlib', 'torch.nn', 'torchvision.models', 'torchvision.ops', 'torch.utils.hooks')
+_TYPE_MODULES = _OBJ_MODULES + ('torch.optim',)
+_FUNC_MODULES = ('lessonlib', 'torch.nn.functional', 'torch.nn.init')
+# Library modules whose functions write files, download or run commands: never named by an export.
+_NO_FUNC_MODULES = ('lessonlib.core', 'lessonlib.download', 'lessonlib.kaggle', 'lessonlib.cli', 'lessonlib.registry',
+                    'lessonlib.datasets', 'lessonlib.synth', 'lessonlib.learner')
+
+def _within(module: str, prefixes) -> bool:
+    "Is `module` one of `prefixes` or inside one of them?"
+    return any(module == p or module.startswith(p + '.') for p in prefixes)
+
+def _code_key(c) -> tuple:
+    "What a code object does, without where it was written (file, line numbers)."
+    consts = tuple(_code_key(k) if isinstance(k, types.CodeType) else k for k in c.co_consts)
+    return c.co_code, consts, c.co_names, c.co_varnames
+
+def _same_code(a, b) -> bool:
+    "Do functions `a` and `b` have the same code (written in different places)?"
+    ca, cb = getattr(a, '__code__', None), getattr(b, '__code__', None)
+    return ca is not None and cb is not None and _code_key(ca) == _code_key(cb)
+
+def _library_twin(o):
+    "For a function or class defined in a notebook (`__main__`), the same one that nbdev exported to a lessonlib module."
+    from lessonlib._modidx import d   # the index of every name the notebooks export
+    for mod, syms in d['syms'].items():
+        if f'{mod}.{o.__qualname__}' not in syms: continue
+        try: t = importlib.import_module(mod)
+        except Exception: continue   # a module that does not import now cannot be the twin
+        for part in o.__qualname__.split('.'): t = getattr(t, part, None)
+        if (isinstance(o, type) and isinstance(t, type)) or _same_code(o, t): return t
+    return None
+
+def _name_of(o, where: str) -> str:
+    "The 'module:qualname' that names the class or function `o` (its library twin if defined in a notebook), or an error."
+    mod, qual = getattr(o, '__module__', None), getattr(o, '__qualname__', '')
+    if not mod or '<' in qual:
+        raise UnsafeExportError(f'Learner.export: {where} is {o!r}, which cannot be named (a lambda or a local '
+                                'function): define it with `def` at the top level of a module, or use '
+                                "lessonlib's getters (ColReader, RegexLabeller, parent_label).")
+    if mod == '__main__' and (twin := _library_twin(o)) is not None: return f'{twin.__module__}:{twin.__qualname__}'
+    return f'{mod}:{qual}'
+
+def _resolve(name: str, kind: str, trust) -> object:
+    "The class (`kind` 'obj' or 'type') or function ('func') named `name`, if the export may name it; else an error."
+    mod, _, qual = str(name).partition(':')
+    allowed = {'obj': _OBJ_MODULES, 'type': _TYPE_MODULES, 'func': _FUNC_MODULES}[kind] + tuple(trust)
+    ok = _within(mod, allowed) and not (kind == 'func' and _within(mod, _NO_FUNC_MODULES) and not _within(mod, trust))
+    if ok and kind == 'func' and mod.startswith('lessonlib.lessons') and qual.startswith('run_'): ok = False
+    if not ok or not all(p.isidentifier() for p in qual.split('.') + mod.split('.')):
+        raise UnsafeExportError(f'This export names {name!r} ({kind}), which a safe export may not use. If you made this '
+                                "file with your own code and trust it, pass that code's module as trust=[...].")
+    o = importlib.import_module(mod)
+    for part in qual.split('.'): o = getattr(o, part, None)
+    is_type = isinstance(o, type)
+    if (o is None or getattr(o, '__module__', None) != mod or getattr(o, '__qualname__', None) != qual
+            or is_type != (kind != 'func') or (kind == 'func' and not callable(o))):
+        raise UnsafeExportError(f'This export names {name!r}, which is not a {"class" if kind != "func" else "function"} '
+                                'defined there: refusing it.')
+    if kind == 'obj' and not (_within(mod, ('lessonlib',) + tuple(trust)) or issubclass(o, nn.Module)
+                              or o is torch.utils.hooks.RemovableHandle):
+        raise UnsafeExportError(f'This export asks for an object of class {name!r}: only lessonlib classes and '
+                                'PyTorch layers can be rebuilt.')
+    return o
+
+# %% ../nbs/12_learner.ipynb #ec722a5e
+_MODULE_DEFAULTS = vars(nn.Module())
+
+class _Describer:
+    "Turn an object graph into JSON-able nodes: tensors go to `self.tensors`, classes and functions by name."
+    def __init__(self): self.tensors, self.ids, self.alive = {}, {}, []
+
+    def tensor(self, t: torch.Tensor) -> str:
+        key = self.ids.get(id(t))
+        if key is None:
+            key = self.ids[id(t)] = f't{len(self.tensors)}'
+            self.tensors[key] = t.detach()
+            self.alive.append(t)
+        return key
+
+    def state(self, o, where: str) -> dict:
+        "The attributes of `o` (its `__dict__` and `__slots__`), without a module's empty defaults."
+        st = dict(vars(o)) if hasattr(o, '__dict__') else {}
+        for k in getattr(type(o), '__slots__', ()):
+            if hasattr(o, k): st[k] = getattr(o, k)
+        if isinstance(o, nn.Module):
+            st = {k: v for k, v in st.items()
+                  if not (k in _MODULE_DEFAULTS and type(v) is type(_MODULE_DEFAULTS[k]) and not torch.is_tensor(v)
+                          and v == _MODULE_DEFAULTS[k])}
+        return {str(k): self(v, f'{where}.{k}') for k, v in st.items()}
+
+    def __call__(self, o, where: str = 'learner'):
+        if o is None or isinstance(o, (bool, str)): return o if not isinstance(o, str) else str(o)
+        if isinstance(o, int) and not isinstance(o, enum.Enum): return int(o)
+        if isinstance(o, float): return float(o) if math.isfinite(o) else {'t': 'float', 'v': repr(float(o))}
+        if isinstance(o, np.generic): return self(o.item(), where)
+        if isinstance(o, torch.Tensor):
+            return {'t': 'tensor', 'v': self.tensor(o), 'param': isinstance(o, nn.Parameter), 'grad': o.requires_grad}
+        if isinstance(o, np.ndarray): return {'t': 'ndarray', 'v': self.tensor(torch.from_numpy(np.array(o)))}
+        if isinstance(o, torch.dtype): return {'t': 'dtype', 'v': str(o).removeprefix('torch.')}
+        if isinstance(o, torch.device): return {'t': 'device', 'v': str(o)}
+        if isinstance(o, PurePath): return {'t': 'path', 'v': str(o)}
+        if isinstance(o, slice): return {'t': 'slice', 'v': [self(x, where) for x in (o.start, o.stop, o.step)]}
+        if isinstance(o, type): return {'t': 'type', 'v': _name_of(o, where)}
+        if isinstance(o, (types.FunctionType, types.BuiltinFunctionType)): return {'t': 'func', 'v': _name_of(o, where)}
+        if isinstance(o, functools.partial):
+            return {'t': 'partial', 'v': [self(x, where) for x in (o.func, list(o.args), dict(o.keywords))]}
+        if isinstance(o, weakref.ref): return {'t': 'weakref', 'v': self(o(), where)}
+        if id(o) in self.ids: return {'t': 'ref', 'v': self.ids[id(o)]}
+        n = self.ids[id(o)] = len(self.ids)
+        self.alive.append(o)
+        if type(o) in (list, tuple, set, frozenset):
+            return {'t': type(o).__name__, 'id': n, 'v': [self(x, f'{where}[{i}]') for i, x in enumerate(o)]}
+        if type(o) in (dict, collections.OrderedDict):
+            return {'t': 'dict' if type(o) is dict else 'odict', 'id': n,
+                    'v': [[self(k, where), self(v, f'{where}[{k!r}]')] for k, v in o.items()]}
+        if (type(o).__module__ == 'builtins' or isinstance(o, (types.ModuleType, types.MethodType, list, dict, tuple, set))
+                or not (hasattr(o, '__dict__') or hasattr(type(o), '__slots__'))):
+            raise UnsafeExportError(f'Learner.export: {where} is {type(o).__name__} {o!r:.80}, which the safe export '
+                                    'cannot describe.')
+        return {'t': 'obj', 'id': n, 'cls': _name_of(type(o), where), 'v': self.state(o, where)}
+
+class _Rebuilder:
+    "Rebuild the object graph from the nodes of `_Describer`, creating only classes and naming only functions allowed."
+    def __init__(self, tensors: dict, trust=()): self.tensors, self.trust, self.objs = tensors, tuple(trust), {}
+
+    def keep(self, node, o):
+        self.objs[node['id']] = o
+        return o
+
+    def __call__(self, node):
+        if node is None or isinstance(node, (bool, int, float, str)): return node
+        t, v = node['t'], node.get('v')
+        if t == 'float': return float(v)
+        if t == 'tensor':
+            key = ('tensor', v)
+            if key not in self.objs:
+                x = self.tensors[v]
+                self.objs[key] = nn.Parameter(x, requires_grad=bool(node['grad'])) if node['param'] else x
+            return self.objs[key]
+        if t == 'ndarray': return self.tensors[v].numpy()
+        if t == 'dtype':
+            d = getattr(torch, str(v), None)
+            if not isinstance(d, torch.dtype): raise UnsafeExportError(f'This export names an unknown dtype {v!r}.')
+            return d
+        if t == 'device': return torch.device(str(v))
+        if t == 'path': return Path(str(v))
+        if t == 'slice': return slice(*[self(x) for x in v])
+        if t in ('type', 'func'): return _resolve(v, t, self.trust)
+        if t == 'partial':
+            f, args, kwargs = (self(x) for x in v)
+            return functools.partial(f, *args, **kwargs)
+        if t == 'weakref': return weakref.ref(self(v))
+        if t == 'ref': return self.objs[v]
+        if t == 'list': return self.fill(self.keep(node, []), lambda o: o.extend(self(x) for x in v))
+        if t == 'set': return self.fill(self.keep(node, set()), lambda o: o.update(self(x) for x in v))
+        if t == 'tuple': return self.keep(node, tuple(self(x) for x in v))
+        if t == 'frozenset': return self.keep(node, frozenset(self(x) for x in v))
+        if t in ('dict', 'odict'):
+            o = self.keep(node, {} if t == 'dict' else collections.OrderedDict())
+            for k, x in v: o[self(k)] = self(x)
+            return o
+        if t == 'obj':
+            cls = _resolve(node['cls'], 'obj', self.trust)
+            o = self.keep(node, cls.__new__(cls))
+            if isinstance(o, nn.Module): nn.Module.__init__(o)
+            slots = set(getattr(cls, '__slots__', ()))
+            for k, x in v.items():
+                if not k.isidentifier(): raise UnsafeExportError(f'This export sets an attribute {k!r}: refusing it.')
+                if k in slots: object.__setattr__(o, k, self(x))
+                else: o.__dict__[k] = self(x)
+            return o
+        raise UnsafeExportError(f'This export holds a node of unknown kind {t!r}: refusing it.')
+
+    def fill(self, o, f):
+        f(o)
+        return o
+
 # %% ../nbs/12_learner.ipynb #90f8d20b
-def load_learner(fname, cpu: bool = True) -> Learner:
-    "Load a `Learner` saved by `Learner.export` (a pickle: only load files you trust)."
+def _load_export(fname: Path, device, unsafe: bool, trust) -> dict:
+    "The state saved by `Learner.export`: tensors with `weights_only=True`, the rest rebuilt from JSON."
+    try: saved = torch.load(fname, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        if not unsafe:
+            raise UnsafeExportError(f'{fname} is not in the safe export format: it is a pickle (an export from an older '
+                                    'lessonlib, or another file), and loading it could run any code it holds. If you '
+                                    'made it yourself or trust where it came from, load it with '
+                                    'load_learner(fname, unsafe=True), then export it again to get the safe format.') from None
+        warnings.warn(f'Loading {fname} with pickle (unsafe=True): this runs any code stored in the file. '
+                      'Export it again (learn.export()) to get the safe format.', UserWarning, stacklevel=3)
+        return torch.load(fname, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f'{fname} is damaged or is not an exported learner ({type(e).__name__}: {e}): '
+                         'export it again with learn.export().') from None
+    if not isinstance(saved, dict) or saved.get('format') != EXPORT_FORMAT:
+        ckpt = isinstance(saved, dict) and 'model' in saved
+        what = 'a checkpoint from learn.save (load it with learn.load)' if ckpt else 'not an export'
+        raise ValueError(f'{fname} is {what}; load_learner reads files written by learn.export().')
+    desc = json.loads(saved['description'])
+    state = _Rebuilder(saved['tensors'], trust)(desc['learner'])
+    if not isinstance(state, dict) or not isinstance(state.get('model'), nn.Module):
+        raise UnsafeExportError(f'{fname} does not describe a learner: refusing it.')
+    return state
+
+def load_learner(fname, cpu: bool = True, unsafe: bool = False, trust=()) -> Learner:
+    "Load a `Learner` saved by `Learner.export`, running no code from the file; `unsafe=True` allows old pickle exports."
     fname = Path(fname)
     if not fname.exists(): raise FileNotFoundError(f'no exported learner at {fname}: create one with learn.export()')
-    state = torch.load(fname, map_location='cpu' if cpu else default_device(), weights_only=False)
+    state = _load_export(fname, 'cpu' if cpu else default_device(), unsafe, listify(trust))
     return Learner(state['dls'], state['model'], loss_func=state['loss_func'], metrics=state['metrics'],
                    splitter=state['splitter'], lr=state['lr'], wd=state['wd'], opt_func=state['opt_func'],
                    path=fname.parent, device='cpu' if cpu else None)
