@@ -1,0 +1,98 @@
+"The IMDB lesson: the built-in review set, bad input named by row or column, and `lessonlib imdb` end to end."
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lessonlib.core import data_dir
+from lessonlib.data import DataError
+from lessonlib.synth.imdb import make_imdb, review_rows
+from lessonlib.text.data import read_texts_csv
+from lessonlib.lessons.imdb import split_texts, majority_baseline, imdb_source
+
+LESSONLIB = shutil.which('lessonlib') or str(Path(sys.executable).parent/'lessonlib')
+
+
+def run(*args, timeout=900):
+    return subprocess.run([LESSONLIB, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, 'MPLBACKEND': 'Agg'})
+
+
+def test_synth_layout_and_determinism(tmp_path):
+    path = make_imdb(tmp_path/'imdb', n=200, seed=3)
+    df = pd.read_csv(path/'texts.csv')
+    assert list(df.columns) == ['label', 'text', 'is_valid'] and len(df) == 200
+    assert set(df.label) == {'positive', 'negative'} and df.is_valid.any() and (~df.is_valid).any()
+    assert df.text.tolist() == [r[1] for r in review_rows(200, seed=3)]
+    assert df.text.tolist()[:20] == [r[1] for r in review_rows(20, seed=3)]       # review i does not depend on n
+
+
+def test_bag_of_words_does_not_solve_synth():
+    "Word counts alone are near chance; word pairs (which see 'not good') do much better (scikit-learn oracle)."
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    df = pd.DataFrame(review_rows(2000, seed=11), columns=['label', 'text', 'is_valid'])
+    trn, val = df[~df.is_valid], df[df.is_valid]
+    accs = {}
+    for ng in ((1, 1), (1, 2)):
+        vec = CountVectorizer(ngram_range=ng, token_pattern=r"[a-z']+")
+        clf = LogisticRegression(max_iter=3000).fit(vec.fit_transform(trn.text), trn.label)
+        accs[ng] = (clf.predict(vec.transform(val.text)) == val.label).mean()
+    assert accs[(1, 1)] < 0.7 and accs[(1, 2)] > accs[(1, 1)] + 0.15, accs
+
+
+def test_bad_input_is_named(tmp_path):
+    df = pd.DataFrame({'label': ['pos', 'neg', 'pos', 'neg'], 'text': ['Good.', 'Bad.', 'Nice.', 'Poor.'],
+                       'is_valid': [False, False, True, True]})
+    with pytest.raises(DataError, match=r"row 2: the text in column 'text' is empty"):
+        split_texts(df.assign(text=['Good.', 'Bad.', '', 'Poor.']))
+    with pytest.raises(DataError, match=r"column 'label' has one class only"):
+        split_texts(df.assign(label='pos'))
+    with pytest.raises(DataError, match=r"column 'text' is not text: row 0 holds 1"):
+        split_texts(df.assign(text=[1, 2, 3, 4]))
+    with pytest.raises(DataError, match=r"no column 'review'"):
+        split_texts(df, text_col='review')
+    (tmp_path/'bad.csv').write_bytes('label,text\npos,caf\xe9 cr\xe8me\n'.encode('latin-1'))
+    with pytest.raises(DataError, match=r'bad.csv: not UTF-8 text: byte 0xe9 at offset 18 \(line 2\)'):
+        read_texts_csv(tmp_path/'bad.csv')
+    texts, labels, valid = split_texts(df.drop(columns='is_valid'))
+    assert sum(valid) == 1 and len(texts) == 4                      # no validation column: a random 20%
+    assert majority_baseline(['a', 'a', 'b'], ['b', 'b']) == ('a', 0.0)
+
+
+def test_command_end_to_end(tmp_path):
+    out = tmp_path/'out'
+    r = run('imdb', '--n', '300', '--lm-epochs', '1', '--epochs', '1', '--bs', '16', '--out', str(out),
+            '--cache', str(tmp_path/'cache'), '--scratch')
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((out/'metrics.json').read_text())
+    for k in ('accuracy', 'baseline_accuracy_majority', 'perplexity', 'accuracy_from_scratch', 'reviews_per_s',
+              'tokenize_cached_s', 'wall_time_s'):
+        assert k in m, k
+    assert m['reviews_train'] + m['reviews_valid'] == 300 and 0 <= m['accuracy'] <= 1
+    assert m['perplexity'] < m['vocab_size']
+    for f in ('report.md', 'loss.png', 'imdb_export.pkl', 'models/encoder.pth'): assert (out/f).exists(), f
+    assert 'accuracy' in r.stdout
+    from lessonlib.learner import load_learner
+    label, _, probs = load_learner(out/'imdb_export.pkl').predict('The plot was not dull at all.')
+    assert label in ('negative', 'positive') and abs(float(probs.sum()) - 1) < 1e-5
+
+
+def test_command_reads_any_csv(tmp_path):
+    rows = review_rows(120, seed=5)
+    pd.DataFrame({'review': [r[1] for r in rows], 'sentiment': [r[0] for r in rows]}).to_csv(tmp_path/'my.csv', index=False)
+    r = run('imdb', '--data', str(tmp_path/'my.csv'), '--text-col', 'review', '--label-col', 'sentiment', '--valid-col', '',
+            '--lm-epochs', '1', '--epochs', '1', '--bs', '8', '--out', str(tmp_path/'o'), '--cache', str(tmp_path/'c'))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path/'o'/'metrics.json').read_text())
+    assert m['reviews_valid'] == 24
+    r = run('imdb', '--data', str(tmp_path/'my.csv'), '--out', str(tmp_path/'o2'))
+    assert r.returncode != 0 and "no column 'text'" in r.stderr
+
+
+@pytest.mark.skipif(not (data_dir()/'imdb_sample'/'texts.csv').exists(), reason='imdb_sample not in the data folder (LESSONLIB_DATA)')
+def test_imdb_sample_source():
+    src, df, unsup = imdb_source('imdb_sample')
+    texts, labels, valid = split_texts(df)
+    assert len(texts) == 1000 and sum(valid) == 200 and unsup == []
