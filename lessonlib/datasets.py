@@ -4,7 +4,7 @@
 
 # %% ../nbs/16_datasets.ipynb #8d1fd131
 from __future__ import annotations
-import difflib
+import difflib, importlib, os, shutil
 from collections import namedtuple
 from pathlib import Path
 
@@ -13,7 +13,8 @@ from .download import CHECKS, URLs, archive_stem, untar_data, url_filename
 from .kaggle import kaggle_download
 
 # %% auto #0
-__all__ = ['DATASETS', 'KAGGLE_DATASETS', 'DatasetRow', 'list_datasets', 'datasets_table', 'get_dataset']
+__all__ = ['DATASETS', 'KAGGLE_DATASETS', 'MULTI_DATASETS', 'BUILTIN_SETS', 'DatasetRow', 'list_datasets', 'datasets_table',
+           'get_dataset', 'untar_merged']
 
 # %% ../nbs/16_datasets.ipynb #6a1658df
 DATASETS = {'planet_tiny': URLs.PLANET_TINY, 'planet_sample': URLs.PLANET_SAMPLE,
@@ -26,6 +27,16 @@ DATASETS = {'planet_tiny': URLs.PLANET_TINY, 'planet_sample': URLs.PLANET_SAMPLE
 KAGGLE_DATASETS = {  # name: (competition, files)
     'planet': ('planet-understanding-the-amazon-from-space', ['train-jpg.tar.7z', 'train_v2.csv'])}
 
+MULTI_DATASETS = {  # name: archives unpacked into one folder
+    'voc2007': ('http://host.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtrainval_06-Nov-2007.tar',
+                'http://host.robots.ox.ac.uk/pascal/VOC/voc2007/VOCtest_06-Nov-2007.tar')}
+
+BUILTIN_SETS = {  # name: (module, function) that paints it in seconds, offline; each lesson command's default data
+    'planet_synth': ('lessonlib.synth.planet', 'make_planet'), 'camvid_synth': ('lessonlib.synth.camvid', 'make_camvid'),
+    'biwi_synth': ('lessonlib.synth.headpose', 'make_headpose'), 'imdb_synth': ('lessonlib.synth.imdb', 'make_imdb'),
+    'scratch_synth': ('lessonlib.synth.scratch', 'make_scratch'), 'pets_synth': ('lessonlib.synth.pets', 'make_pets'),
+    'voc_synth': ('lessonlib.synth.voc', 'make_voc')}
+
 DatasetRow = namedtuple('DatasetRow', 'name url path present')
 
 def list_datasets(dest=None) -> list:
@@ -33,10 +44,13 @@ def list_datasets(dest=None) -> list:
     dest = Path(dest) if dest is not None else data_dir()
     rows = [(n, u, dest/archive_stem(url_filename(u))) for n, u in DATASETS.items()]
     rows += [(n, f'https://www.kaggle.com/competitions/{c}', dest/n) for n, (c, _) in KAGGLE_DATASETS.items()]
+    rows += [(n, ' + '.join(urls), dest/n) for n, urls in MULTI_DATASETS.items()]
+    rows += [(n, f'built in: {m}.{f}()', dest/n) for n, (m, f) in BUILTIN_SETS.items()]
     return [DatasetRow(n, u, p, p.is_dir()) for n, u, p in rows]
 
 def _size(url) -> str:
     "The download size of `url`, for people."
+    if url.startswith('built in'): return 'none'
     if url not in CHECKS: return '?'
     n = CHECKS[url][0]
     return f'{n/2**30:.1f} GB' if n >= 2**30 else f'{n/2**20:.0f} MB' if n >= 2**20 else f'{n/2**10:.0f} KB'
@@ -56,11 +70,43 @@ def get_dataset(name: str, dest=None, force: bool = False, progress=None) -> Pat
         competition, files = KAGGLE_DATASETS[name]
         folder = (Path(dest) if dest else data_dir())/name
         return kaggle_download(competition, files, folder, force=force, progress=progress)
+    if name in BUILTIN_SETS:
+        module, fn = BUILTIN_SETS[name]
+        make = getattr(importlib.import_module(module), fn)
+        return make(dest=(Path(dest) if dest else data_dir())/name, force=force)
+    if name in MULTI_DATASETS:
+        return untar_merged(MULTI_DATASETS[name], (Path(dest) if dest else data_dir())/name, force=force, progress=progress)
     by_folder = {archive_stem(url_filename(u)): u for u in DATASETS.values()}
     url = DATASETS.get(name) or by_folder.get(name)
     if url is None:
-        known = sorted(DATASETS) + sorted(KAGGLE_DATASETS)
+        known = sorted(DATASETS) + sorted(KAGGLE_DATASETS) + sorted(MULTI_DATASETS) + sorted(BUILTIN_SETS)
         close = difflib.get_close_matches(name, known + sorted(by_folder), n=1)
         hint = f"Did you mean '{close[0]}'? " if close else ''
         raise ValueError(f"No data set called '{name}'. {hint}Known: {', '.join(known)}.")
     return untar_data(url, dest, force=force, progress=progress)
+
+# %% ../nbs/16_datasets.ipynb #c3d4054b
+def _link_or_copy(src: Path, dst: Path):
+    "Hard-link `src` to `dst`, or copy it where the file system cannot link."
+    try: os.link(src, dst)
+    except OSError: shutil.copy2(src, dst)
+
+def untar_merged(urls, folder, force: bool = False, progress=None) -> Path:
+    "Unpack every archive of `urls` (`untar_data`) and merge their trees into `folder`; a file in two archives is an error."
+    folder = Path(folder)
+    if folder.exists() and not force: return folder
+    parts = [untar_data(u, folder.parent/f'.{folder.name}.parts', force=force, progress=progress) for u in urls]
+    tmp = folder.parent/f'.{folder.name}.merging'
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in parts:
+        for f in sorted(p for p in part.rglob('*') if not p.is_dir()):
+            dst = tmp/f.relative_to(part)
+            if dst.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ValueError(f'{f.relative_to(part)} is in two archives of {folder.name} ({", ".join(urls)}); '
+                                 'they cannot be merged without losing one: remove the extra archive')
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(f, dst)
+    if folder.exists(): shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder

@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 import pandas as pd
 import torch
+import torch.nn.functional as F
 import matplotlib.pyplot as plt
 from .vision.data import show_image
 
 # %% auto #0
 __all__ = ['confusion_matrix', 'per_class_accuracy', 'format_per_class', 'most_confused', 'plot_confusion_matrix', 'show_images',
-           'show_predictions']
+           'show_predictions', 'ClassificationInterpretation']
 
 # %% ../nbs/19_interpret.ipynb #58d430fd
 def _pred_classes(preds, n_classes=None) -> torch.Tensor:
@@ -108,3 +109,85 @@ def show_predictions(images, preds, targs, vocab, max_n: int = 16, ncols: int = 
     titles = [f'{vocab[a]}/{vocab[b]}' for a, b in zip(p[:n].tolist(), t[:n].tolist())]
     colors = ['green' if a == b else 'red' for a, b in zip(p[:n].tolist(), t[:n].tolist())]
     return show_images(list(images)[:n], titles, colors, ncols=ncols, figsize=figsize, denorm=denorm)
+
+# %% ../nbs/19_interpret.ipynb #9303298e
+class ClassificationInterpretation:
+    "What a classifier got wrong on a loader: per-item losses, the confusion matrix, the most confused pairs, the top losses."
+    def __init__(self, dl, probs, targs, losses, vocab, thresh: float = 0.5):
+        self.dl, self.probs, self.targs, self.losses = dl, probs.cpu(), targs.cpu(), losses.cpu()
+        self.vocab, self.thresh = [str(v) for v in vocab], thresh
+        self.multi = self.targs.ndim == 2                       # multi-hot targets: one yes/no question per tag
+        if len(self.probs) != len(self.targs) or len(self.losses) != len(self.targs):
+            raise ValueError(f'ClassificationInterpretation: {len(self.probs)} predictions, {len(self.targs)} targets '
+                             f'and {len(self.losses)} losses; they must match one to one')
+
+    @classmethod
+    def from_learner(cls, learn, dl=None):
+        "Predict every item of `dl` (default: validation) with `learn`; losses per item (softmax or sigmoid cross-entropy)."
+        dl = learn.dls.valid if dl is None else dl
+        logits, targs = learn.get_preds(dl, act=False)
+        if targs.ndim == 2:
+            losses = F.binary_cross_entropy_with_logits(logits, targs.float(), reduction='none').mean(1)
+            probs = torch.sigmoid(logits)
+        else:
+            losses, probs = F.cross_entropy(logits, targs, reduction='none'), F.softmax(logits, 1)
+        return cls(dl, probs, targs, losses, learn.dls.vocab, getattr(learn.loss_func, 'thresh', 0.5))
+
+    @property
+    def preds(self) -> torch.Tensor:
+        "Predicted class per item (argmax), or multi-hot tags (probability above `thresh`)."
+        return (self.probs > self.thresh).long() if self.multi else self.probs.argmax(1)
+
+    def confusion_matrix(self) -> torch.Tensor:
+        "(classes, classes) counts, rows true and columns predicted; multi-label: (tags, 2, 2), [[TN, FP], [FN, TP]] per tag."
+        if not self.multi: return confusion_matrix(self.probs, self.targs, len(self.vocab))
+        p, t = self.preds.bool(), self.targs.bool()
+        cells = [(~t & ~p), (~t & p), (t & ~p), (t & p)]
+        return torch.stack([c.sum(0) for c in cells], 1).view(-1, 2, 2)
+
+    def most_confused(self, min_val: int = 1) -> list:
+        "(true, predicted, count) with at least `min_val` items, most first; multi-label: (tag, 'missed'/'false alarm', count)."
+        cm = self.confusion_matrix()
+        if not self.multi: return most_confused(cm, self.vocab, min_val)
+        pairs = [(v, kind, int(cm[i, r, c])) for i, v in enumerate(self.vocab)
+                 for kind, r, c in (('missed', 1, 0), ('false alarm', 0, 1)) if cm[i, r, c] >= min_val]
+        return sorted(pairs, key=lambda p: -p[2])
+
+    def plot_confusion_matrix(self, normalize: bool = False, ncols: int = 6, figsize=None):
+        "The confusion matrix with class names (multi-label: one small yes/no matrix per tag); returns the axes."
+        cm = self.confusion_matrix()
+        if not self.multi: return plot_confusion_matrix(cm, self.vocab, normalize=normalize)
+        n = len(self.vocab); ncols = min(ncols, n); nrows = math.ceil(n / ncols)
+        fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (2.2 * ncols, 2.3 * nrows), squeeze=False)
+        for i, ax in enumerate(axs.flat):
+            if i >= n: ax.axis('off'); continue
+            plot_confusion_matrix(cm[i], ['no', 'yes'], normalize=normalize, ax=ax, title=self.vocab[i])
+        fig.tight_layout()
+        return axs
+
+    def top_losses(self, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        "The `k` largest per-item losses (all when None) and their item indices in the loader, largest first."
+        return self.losses.topk(len(self.losses) if k is None else min(k, len(self.losses)))
+
+    def _label(self, row) -> str:
+        "A class index (or a multi-hot row) as its name (or its tags joined by ';')."
+        return ';'.join(v for v, y in zip(self.vocab, row.tolist()) if y) if self.multi else self.vocab[int(row)]
+
+    def top_loss_titles(self, k: int = 9) -> list[str]:
+        "Three lines for each of the `k` worst items: 'predicted/', 'actual', 'loss / probability of the predicted class'."
+        losses, idxs = self.top_losses(k)
+        titles = []
+        for l, i in zip(losses.tolist(), idxs.tolist()):
+            p = self.preds[i]
+            s = f'{self._label(p)}/\n{self._label(self.targs[i])}\n{l:.2f}'
+            titles.append(s if self.multi else s + f' / {self.probs[i, int(p)]:.2f}')
+        return titles
+
+    def plot_top_losses(self, k: int = 9, ncols: int = 3, figsize=None):
+        "The `k` items with the largest loss, as the validation pipeline shows them, titled as `top_loss_titles`."
+        ds = getattr(self.dl, 'dataset', None)
+        if ds is None: raise TypeError('plot_top_losses needs a loader with a dataset to fetch the pictures from')
+        _, idxs = self.top_losses(k)
+        images = [ds[i][0] for i in idxs.tolist()]
+        nrows = math.ceil(len(images) / ncols)
+        return show_images(images, self.top_loss_titles(k), ncols=ncols, figsize=figsize or (3.3 * ncols, 3.2 * nrows))

@@ -6,11 +6,13 @@
 from __future__ import annotations
 import copy, math
 from functools import partial
+import numpy as np
 import torch
 
 # %% auto #0
 __all__ = ['COUNTING', 'accuracy', 'error_rate', 'accuracy_thresh', 'fbeta', 'mse', 'rmse', 'mae', 'metric_name', 'Metric',
-           'FuncMetric', 'Accuracy', 'ErrorRate', 'MeanIoU', 'Perplexity', 'as_metric']
+           'FuncMetric', 'Accuracy', 'ErrorRate', 'MeanIoU', 'Perplexity', 'as_metric', 'average_precision',
+           'mean_average_precision']
 
 # %% ../nbs/05_metrics.ipynb #086ccb05
 def _check_shapes(pred, targ, name):
@@ -191,3 +193,22 @@ def as_metric(m) -> Metric:
     if m in COUNTING: return COUNTING[m]()
     if not callable(m): raise TypeError(f'metric {m!r} is neither a function of (preds, targs) nor a Metric')
     return FuncMetric(m)
+
+# %% ../nbs/05_metrics.ipynb #6609fde3
+def average_precision(scores, targets) -> float:
+    "Average precision of one class: the mean, over its positives ranked by `scores`, of the precision at each (ties grouped)."
+    s, t = np.asarray(scores, float), np.asarray(targets).astype(bool)
+    if not t.any(): return float('nan')
+    order = np.argsort(-s, kind='stable')
+    s, t = s[order], t[order]
+    tp, seen = np.cumsum(t), np.arange(1, len(t) + 1)
+    last = np.r_[s[1:] != s[:-1], True]                     # the last item of each group of tied scores: a threshold
+    tp, seen = tp[last], seen[last]
+    recall, precision = tp / t.sum(), tp / seen
+    return float(np.sum(np.diff(np.r_[0., recall]) * precision))
+
+def mean_average_precision(scores, targets, classes) -> tuple[float, dict]:
+    "mAP over the classes that have positives in `targets`, and the AP of each class (NaN: no positive, left out)."
+    ap = {c: average_precision(scores[:, i], targets[:, i]) for i, c in enumerate(classes)}
+    vals = [v for v in ap.values() if not np.isnan(v)]
+    return (float(np.mean(vals)) if vals else float('nan')), ap
