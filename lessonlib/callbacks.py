@@ -110,27 +110,35 @@ def format_row(row: dict, names: list) -> list[str]:
 
 # %% ../nbs/09_callbacks.ipynb #361f042b
 def progress_mode() -> str:
-    "Where progress is shown: 'notebook' (HTML), 'terminal' (a bar redrawn in place) or 'log' (no bar)."
+    "Where progress is shown: 'notebook' (HTML), 'terminal' (a bar redrawn in place) or 'log' (a line now and then)."
     if in_notebook(): return 'notebook'
     return 'terminal' if sys.stderr.isatty() else 'log'
 
 class ProgressBar:
-    "A progress bar: HTML in a notebook, redrawn in place on a terminal, silent in a log; redraws at most every `refresh` s."
-    def __init__(self, mode: str | None = None, refresh: float = 0.1):
-        self.mode, self.refresh, self.handle = mode or progress_mode(), refresh, None
+    "Progress: HTML in a notebook, a bar in place on a terminal, a line every `log_every` s in a log; or 'silent'."
+    def __init__(self, mode: str | None = None, refresh: float = 0.1, log_every: float = 30.):
+        self.mode, self.refresh, self.log_every, self.handle = mode or progress_mode(), refresh, log_every, None
         self.start(1)
 
     def start(self, total: int, label: str = ''):
         "Begin counting to `total`."
         self.total, self.label, self.t0, self.last = max(total, 1), label, time.time(), 0.
+        self.logged = self.t0                                   # a log gets its first line after `log_every` s
 
     def update(self, done: int, text: str = '', force: bool = False):
         "Show that `done` of `total` steps are done; `text` may be a function, called only when drawing."
+        if self.mode == 'silent': return
         now = time.time()
-        if self.mode == 'log' or (now - self.last < self.refresh and not force): return
+        if self.mode == 'log':
+            if now - self.logged < self.log_every and not force: return
+            self.logged = now
+        elif now - self.last < self.refresh and not force: return
         self.last = now
         eta = (now - self.t0) / max(done, 1) * (self.total - done)
         msg = f'{self.label} {done}/{self.total} {text() if callable(text) else text} [{eta:.0f}s left]'.strip()
+        if self.mode == 'log':
+            sys.stderr.write(msg + '\n'); sys.stderr.flush()
+            return
         if self.mode == 'notebook':
             from IPython.display import display, HTML
             if self.handle is None: self.handle = display(HTML(''), display_id=True)   # only once there is something to show

@@ -32,7 +32,7 @@ class LRFinder(Callback):
         torch.save({'model': learn.model.state_dict(), 'opt': learn.opt.state_dict()}, buf)
         self.saved = buf
         self.lrs, self.losses, self.raw_losses, self.best, self.avg = [], [], [], math.inf, 0.
-        self.bar = ProgressBar(None if self.show_progress else 'log')
+        self.bar = ProgressBar(None if self.show_progress else 'silent')
         self.bar.start(self.num_it, 'lr_find')
 
     def lr_at(self, i: int) -> float:
