@@ -16,6 +16,29 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f'lessonlib: error: {message} (see {self.prog} --help)\n')
 
+# %% ../nbs/18_cli.ipynb #db7fffa7
+def _deploy_parsers(sub):
+    "The `serve` and `finetune` sub-commands (`lessonlib.serve`; serving needs the extra: pip install \"lessonlib[serve]\")."
+    s = sub.add_parser('serve', help='serve an exported image classifier as a web app (needs lessonlib[serve])')
+    s.add_argument('model', help='the exported model (learn.export); exported models are files you trust: serve your own')
+    s.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1, this machine only)')
+    s.add_argument('--port', type=positive_int, default=8000, help='port (default 8000)')
+    s.add_argument('--feedback', default=None, help='SQLite file of corrections (default feedback.db beside the model)')
+    s.add_argument('--max-mb', type=float, default=None, help='largest upload in MiB (default 8)')
+    f = sub.add_parser('finetune', help='fine-tune an exported model on the corrections of a feedback log')
+    f.add_argument('model', help='the exported model that was served')
+    f.add_argument('--feedback', required=True, help='the SQLite file of corrections (lessonlib serve --feedback)')
+    f.add_argument('--data', default=None, help='the original data: a CSV, a folder with one CSV, or an image folder')
+    for k, t in (('epochs', positive_int), ('lr', float), ('replay', int), ('seed', int)):
+        f.add_argument(f'--{k}', type=t, default=None, help=f'{k} (default: that of lessonlib.serve.finetune)')
+
+def _deploy(args) -> int:
+    from lessonlib import serve
+    given = lambda *ks: {k: getattr(args, k) for k in ks if getattr(args, k) is not None}
+    if args.command == 'serve': serve.serve(args.model, args.feedback, args.host, args.port, **given('max_mb'))
+    else: print(serve.finetune(args.model, args.feedback, args.data, **given('epochs', 'lr', 'replay', 'seed'))['message'])
+    return 0
+
 # %% ../nbs/18_cli.ipynb #07a47eea
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser for `lessonlib`: one sub-command per registered lesson, then `data` and `version`."
@@ -34,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--size', type=positive_int, default=128, help='image size in pixels (default 128)')
     s.add_argument('--seed', type=int, default=42)
     s.add_argument('--dest', default=None, help='folder (default: the data directory/planet_synth)')
+    _deploy_parsers(sub)
     sub.add_parser('version', help='print the version')
     return p
 
@@ -52,6 +76,7 @@ def _run(args) -> int:
         print(lesson.summary(res) if lesson.summary else res)
         return 0
     if args.command == 'data': return _data(args)
+    if args.command in ('serve', 'finetune'): return _deploy(args)
     return None
 
 def _data(args):
