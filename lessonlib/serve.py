@@ -7,7 +7,7 @@ __all__ = ['MAX_BYTES', 'MAX_PIXELS', 'IMAGE_FORMATS', 'PAGE', 'BadImage', 'read
            'check_image_classifier', 'ImageModel', 'tiny_export', 'FeedbackLog', 'check_labels', 'create_app', 'serve',
            'original_items', 'labelled_pairs', 'feedback_pairs', 'next_version', 'finetune']
 
-# %% ../nbs/20_serve.ipynb #58b894c1
+# %% ../nbs/20_serve.ipynb #b988cb94
 import contextlib, hashlib, io, json, logging, re, random, sqlite3, threading, uuid, warnings
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -18,7 +18,7 @@ from .data import CategoryBlock, DataError, DataLoaders, Datasets, MultiCategory
 from .vision.data import ImageBlock, get_image_files
 from .learner import load_learner
 
-# %% ../nbs/20_serve.ipynb #7a0308f8
+# %% ../nbs/20_serve.ipynb #96cde05f
 MAX_BYTES = 8 * 2**20             # the largest upload accepted (8 MiB)
 MAX_PIXELS = 24_000_000           # the largest image accepted (24 megapixels: a big phone photo)
 IMAGE_FORMATS = ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP')
@@ -29,7 +29,7 @@ class BadImage(ValueError):
         super().__init__(msg)
         self.status = status
 
-# %% ../nbs/20_serve.ipynb #3963d941
+# %% ../nbs/20_serve.ipynb #00ccc144
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
     "Open `data` with the allowed decoders, refuse more than `max_pixels` before decoding, then decode."
     with warnings.catch_warnings():
@@ -57,7 +57,7 @@ def read_image(data: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PI
         raise BadImage('the image is damaged or truncated and cannot be decoded: send the whole file again') from None
     return im.convert('RGB')
 
-# %% ../nbs/20_serve.ipynb #ad41e048
+# %% ../nbs/20_serve.ipynb #e44e75a6
 def model_version(fname) -> str:
     "The version of the model file `fname`: its name and the first 12 hex digits of its SHA-256."
     h = hashlib.sha256()
@@ -77,7 +77,7 @@ def check_image_classifier(learn, fname='the model') -> bool:
                      '(pets, scratch) or MultiCategoryBlock (planet) models; segmentation (camvid), points '
                      '(headpose) and text (imdb) models are not supported')
 
-# %% ../nbs/20_serve.ipynb #5e33999a
+# %% ../nbs/20_serve.ipynb #d71dd694
 class ImageModel:
     "An exported image classifier that predicts on PIL images (one prediction at a time, safe from several threads)."
     def __init__(self, fname):
@@ -95,7 +95,7 @@ class ImageModel:
         return {'labels': labels, 'probabilities': {v: round(float(p), 6) for v, p in zip(self.vocab, probs)},
                 'model_version': self.version, 'multi_label': self.multi}
 
-# %% ../nbs/20_serve.ipynb #ab041ac9
+# %% ../nbs/20_serve.ipynb #1807e550
 def tiny_export(dest, epochs: int = 1, size: int = 32, seed: int = 42, multi: bool = False, n: int = 240):
     "Train a small CNN briefly on a built-in set (shapes; Planet tiles with `multi`) and export it to `dest`."
     import torch.nn as nn
@@ -107,7 +107,7 @@ def tiny_export(dest, epochs: int = 1, size: int = 32, seed: int = 42, multi: bo
     if multi:
         from lessonlib.lessons.planet import planet_dls
         from lessonlib.synth.planet import make_planet
-        dls = planet_dls(make_planet(n=n, size=size), size=size, bs=16, seed=seed)
+        dls = planet_dls(make_planet(Path(dest).parent/'planet_tiles', n=n, size=size), size=size, bs=16, seed=seed)
         metrics = accuracy_thresh
     else:
         from lessonlib.synth.scratch import make_scratch
@@ -117,7 +117,7 @@ def tiny_export(dest, epochs: int = 1, size: int = 32, seed: int = 42, multi: bo
     learn.fit_one_cycle(epochs)
     return learn.export(Path(dest).name)
 
-# %% ../nbs/20_serve.ipynb #e402bce4
+# %% ../nbs/20_serve.ipynb #83f2b7a5
 _SCHEMA = '''CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
     image TEXT NOT NULL, model_version TEXT NOT NULL, prediction TEXT NOT NULL, probabilities TEXT NOT NULL,
     label TEXT NOT NULL)'''
@@ -158,7 +158,7 @@ class FeedbackLog:
             for k in ('prediction', 'probabilities', 'label'): r[k] = json.loads(r[k])
         return rows
 
-# %% ../nbs/20_serve.ipynb #bbd899f5
+# %% ../nbs/20_serve.ipynb #c1308bdb
 class _Recent:
     "The last `n` predictions by id (a bounded, thread-safe dictionary)."
     def __init__(self, n: int): self.n, self.d, self.lock = n, OrderedDict(), threading.Lock()
@@ -181,7 +181,7 @@ def check_labels(labels, vocab, multi: bool) -> list:
     if len(set(labels)) != len(labels): raise ValueError('a label is repeated: send each label once')
     return labels
 
-# %% ../nbs/20_serve.ipynb #60bd7619
+# %% ../nbs/20_serve.ipynb #0b3c7791
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>What is in this picture?</title>
@@ -226,7 +226,7 @@ $('feedback').onsubmit = async e => {
 </script></body></html>
 """
 
-# %% ../nbs/20_serve.ipynb #739a0d96
+# %% ../nbs/20_serve.ipynb #f2b6f943
 def _error(status: int, msg: str):
     "A JSON error response `{'detail': msg}`."
     from fastapi.responses import JSONResponse
@@ -249,7 +249,7 @@ def _size_limit(max_bytes: int):
         return await call_next(request)
     return limit
 
-# %% ../nbs/20_serve.ipynb #a39f2db6
+# %% ../nbs/20_serve.ipynb #a2ceb752
 def _routes(app, model, log, recent, max_bytes, max_pixels):
     "Add the page, `/health`, `/predict` and `/feedback` to `app`."
     from fastapi import File, UploadFile
@@ -287,7 +287,7 @@ def _routes(app, model, log, recent, max_bytes, max_pixels):
         row = log.add(im, res['model_version'], res['labels'], res['probabilities'], labels)
         return {'stored': True, 'feedback_id': row, 'labels': labels}
 
-# %% ../nbs/20_serve.ipynb #69f143ae
+# %% ../nbs/20_serve.ipynb #9b2e37ab
 def create_app(model, feedback=None, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS, keep: int = 64):
     "The FastAPI app serving `model` (a file or an `ImageModel`), logging corrections to `feedback` (a database file)."
     from fastapi import FastAPI
@@ -310,7 +310,7 @@ def create_app(model, feedback=None, max_bytes: int = MAX_BYTES, max_pixels: int
     app.state.model, app.state.feedback = model, log
     return app
 
-# %% ../nbs/20_serve.ipynb #ebf85c8d
+# %% ../nbs/20_serve.ipynb #bc06b0f0
 def serve(model, feedback=None, host: str = '127.0.0.1', port: int = 8000, max_mb: float = MAX_BYTES / 2**20,
           keep: int = 64, log_level: str = 'info'):
     "Serve `model` on `host`:`port` (the feedback log defaults to feedback.db beside the model) until stopped."
@@ -322,7 +322,7 @@ def serve(model, feedback=None, host: str = '127.0.0.1', port: int = 8000, max_m
     print(f'serving {app.state.model.version} on http://{host}:{port}/ (API docs at /docs); feedback in {feedback}')
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
 
-# %% ../nbs/20_serve.ipynb #844c6269
+# %% ../nbs/20_serve.ipynb #e68d3895
 def original_items(data, valid_pct: float = 0.2, seed: int = 42) -> tuple:
     "The items of the original data `data` and their train and valid indices (see above for the layouts)."
     import pandas as pd
@@ -338,7 +338,7 @@ def original_items(data, valid_pct: float = 0.2, seed: int = 42) -> tuple:
     trn, val = RandomSplitter(valid_pct, seed)(items)
     return items, trn, val
 
-# %% ../nbs/20_serve.ipynb #1447d74c
+# %% ../nbs/20_serve.ipynb #83ebd811
 def _x(pair): return pair[0]
 def _y(pair): return pair[1]
 
@@ -357,7 +357,7 @@ def feedback_pairs(log, vocab, multi: bool) -> list:
     if skipped: warnings.warn(f'{skipped} correction(s) in {log.db} have labels this model does not know: left out')
     return pairs
 
-# %% ../nbs/20_serve.ipynb #645ba0ef
+# %% ../nbs/20_serve.ipynb #51302b04
 def _loaders(learn, train, valid, bs: int) -> DataLoaders:
     "Loaders over (image, label) pairs with the exported pipeline of `learn` (its blocks and transforms)."
     d = learn.dls.dsets
@@ -374,7 +374,7 @@ def next_version(fname) -> Path:
     while (p := fname.with_name(f'{base}.v{n + 1}{fname.suffix}')).exists(): n += 1
     return p
 
-# %% ../nbs/20_serve.ipynb #b9a5cb80
+# %% ../nbs/20_serve.ipynb #af18a311
 def _rounded(d: dict) -> dict: return {k: round(float(v), 4) for k, v in d.items()}
 
 def finetune(model, feedback, data=None, epochs: int = 1, lr: float = 2e-4, replay: int = 4, bs: int = 16,
