@@ -7,7 +7,7 @@ __all__ = ['MAX_BYTES', 'MAX_PIXELS', 'IMAGE_FORMATS', 'PAGE', 'BadImage', 'read
            'check_image_classifier', 'ImageModel', 'tiny_export', 'FeedbackLog', 'check_labels', 'create_app', 'serve',
            'original_items', 'labelled_pairs', 'feedback_pairs', 'next_version', 'finetune']
 
-# %% ../nbs/20_serve.ipynb #eb0857d3
+# %% ../nbs/20_serve.ipynb #ae2d0df3
 import contextlib, hashlib, io, json, logging, re, random, sqlite3, threading, uuid, warnings
 from collections import OrderedDict
 from datetime import datetime, timezone
@@ -19,7 +19,7 @@ from .vision.data import ImageBlock, get_image_files
 from .learner import load_learner
 from .callbacks import ProgressCallback
 
-# %% ../nbs/20_serve.ipynb #5f2d4290
+# %% ../nbs/20_serve.ipynb #8b97dbfd
 MAX_BYTES = 8 * 2**20             # the largest upload accepted (8 MiB)
 MAX_PIXELS = 24_000_000           # the largest image accepted (24 megapixels: a big phone photo)
 IMAGE_FORMATS = ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP')
@@ -30,7 +30,7 @@ class BadImage(ValueError):
         super().__init__(msg)
         self.status = status
 
-# %% ../nbs/20_serve.ipynb #2bba14ea
+# %% ../nbs/20_serve.ipynb #ecc3e819
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
     "Open `data` with the allowed decoders, refuse more than `max_pixels` before decoding, then decode."
     with warnings.catch_warnings():
@@ -58,7 +58,7 @@ def read_image(data: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PI
         raise BadImage('the image is damaged or truncated and cannot be decoded: send the whole file again') from None
     return im.convert('RGB')
 
-# %% ../nbs/20_serve.ipynb #736b80f2
+# %% ../nbs/20_serve.ipynb #c8b44d03
 def model_version(fname) -> str:
     "The version of the model file `fname`: its name and the first 12 hex digits of its SHA-256."
     h = hashlib.sha256()
@@ -78,7 +78,7 @@ def check_image_classifier(learn, fname='the model') -> bool:
                      '(pets, scratch) or MultiCategoryBlock (planet) models; segmentation (camvid), points '
                      '(headpose) and text (imdb) models are not supported')
 
-# %% ../nbs/20_serve.ipynb #7a71ee5f
+# %% ../nbs/20_serve.ipynb #d87b0372
 class ImageModel:
     "An exported image classifier that predicts on PIL images (one prediction at a time, safe from several threads)."
     def __init__(self, fname):
@@ -98,7 +98,7 @@ class ImageModel:
         return {'labels': labels, 'probabilities': {v: round(float(p), 6) for v, p in zip(self.vocab, probs)},
                 'model_version': self.version, 'multi_label': self.multi}
 
-# %% ../nbs/20_serve.ipynb #a64473fe
+# %% ../nbs/20_serve.ipynb #c8d9ea67
 def tiny_export(dest, epochs: int = 1, size: int = 32, seed: int = 42, multi: bool = False, n: int = 240):
     "Train a small CNN briefly on a built-in set (shapes; Planet tiles with `multi`) and export it to `dest`."
     import torch.nn as nn
@@ -120,7 +120,7 @@ def tiny_export(dest, epochs: int = 1, size: int = 32, seed: int = 42, multi: bo
     learn.fit_one_cycle(epochs)
     return learn.export(Path(dest).name)
 
-# %% ../nbs/20_serve.ipynb #538e0ce2
+# %% ../nbs/20_serve.ipynb #39abaf37
 _SCHEMA = '''CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
     image TEXT NOT NULL, model_version TEXT NOT NULL, prediction TEXT NOT NULL, probabilities TEXT NOT NULL,
     label TEXT NOT NULL)'''
@@ -161,7 +161,7 @@ class FeedbackLog:
             for k in ('prediction', 'probabilities', 'label'): r[k] = json.loads(r[k])
         return rows
 
-# %% ../nbs/20_serve.ipynb #f7173494
+# %% ../nbs/20_serve.ipynb #76efa78d
 class _Recent:
     "The last `n` predictions by id (a bounded, thread-safe dictionary)."
     def __init__(self, n: int): self.n, self.d, self.lock = n, OrderedDict(), threading.Lock()
@@ -184,7 +184,7 @@ def check_labels(labels, vocab, multi: bool) -> list:
     if len(set(labels)) != len(labels): raise ValueError('a label is repeated: send each label once')
     return labels
 
-# %% ../nbs/20_serve.ipynb #41a8fc47
+# %% ../nbs/20_serve.ipynb #d308b714
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>What is in this picture?</title>
@@ -229,7 +229,7 @@ $('feedback').onsubmit = async e => {
 </script></body></html>
 """
 
-# %% ../nbs/20_serve.ipynb #6de3db28
+# %% ../nbs/20_serve.ipynb #ad5ebb25
 def _error(status: int, msg: str):
     "A JSON error response `{'detail': msg}`."
     from fastapi.responses import JSONResponse
@@ -252,7 +252,7 @@ def _size_limit(max_bytes: int):
         return await call_next(request)
     return limit
 
-# %% ../nbs/20_serve.ipynb #cee04d12
+# %% ../nbs/20_serve.ipynb #7d46f015
 def _routes(app, model, log, recent, max_bytes, max_pixels):
     "Add the page, `/health`, `/predict` and `/feedback` to `app`."
     from fastapi import File, UploadFile
@@ -290,7 +290,7 @@ def _routes(app, model, log, recent, max_bytes, max_pixels):
         row = log.add(im, res['model_version'], res['labels'], res['probabilities'], labels)
         return {'stored': True, 'feedback_id': row, 'labels': labels}
 
-# %% ../nbs/20_serve.ipynb #5d0d2b5a
+# %% ../nbs/20_serve.ipynb #ec63bee6
 def create_app(model, feedback=None, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS, keep: int = 64):
     "The FastAPI app serving `model` (a file or an `ImageModel`), logging corrections to `feedback` (a database file)."
     from fastapi import FastAPI
@@ -313,7 +313,7 @@ def create_app(model, feedback=None, max_bytes: int = MAX_BYTES, max_pixels: int
     app.state.model, app.state.feedback = model, log
     return app
 
-# %% ../nbs/20_serve.ipynb #1a190cdb
+# %% ../nbs/20_serve.ipynb #4ddcc3ef
 def serve(model, feedback=None, host: str = '127.0.0.1', port: int = 8000, max_mb: float = MAX_BYTES / 2**20,
           keep: int = 64, log_level: str = 'info'):
     "Serve `model` on `host`:`port` (the feedback log defaults to feedback.db beside the model) until stopped."
@@ -325,7 +325,7 @@ def serve(model, feedback=None, host: str = '127.0.0.1', port: int = 8000, max_m
     print(f'serving {app.state.model.version} on http://{host}:{port}/ (API docs at /docs); feedback in {feedback}')
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
 
-# %% ../nbs/20_serve.ipynb #59405ec4
+# %% ../nbs/20_serve.ipynb #6ecfff34
 def original_items(data, valid_pct: float = 0.2, seed: int = 42) -> tuple:
     "The items of the original data `data` and their train and valid indices (see above for the layouts)."
     import pandas as pd
@@ -341,7 +341,7 @@ def original_items(data, valid_pct: float = 0.2, seed: int = 42) -> tuple:
     trn, val = RandomSplitter(valid_pct, seed)(items)
     return items, trn, val
 
-# %% ../nbs/20_serve.ipynb #8d6e37f0
+# %% ../nbs/20_serve.ipynb #636bf587
 def _x(pair): return pair[0]
 def _y(pair): return pair[1]
 
@@ -360,7 +360,7 @@ def feedback_pairs(log, vocab, multi: bool) -> list:
     if skipped: warnings.warn(f'{skipped} correction(s) in {log.db} have labels this model does not know: left out')
     return pairs
 
-# %% ../nbs/20_serve.ipynb #9d1b6840
+# %% ../nbs/20_serve.ipynb #858037b4
 def _loaders(learn, train, valid, bs: int) -> DataLoaders:
     "Loaders over (image, label) pairs with the exported pipeline of `learn` (its blocks and transforms)."
     d = learn.dls.dsets
@@ -377,7 +377,7 @@ def next_version(fname) -> Path:
     while (p := fname.with_name(f'{base}.v{n + 1}{fname.suffix}')).exists(): n += 1
     return p
 
-# %% ../nbs/20_serve.ipynb #7a23d271
+# %% ../nbs/20_serve.ipynb #ffe34a5b
 def _rounded(d: dict) -> dict: return {k: round(float(v), 4) for k, v in d.items()}
 
 def finetune(model, feedback, data=None, epochs: int = 2, lr: float = 1e-3, replay: int = 4, bs: int = 16,

@@ -142,6 +142,14 @@ def test_multi_label_model(tmp_path):
         r = c.post('/feedback', json={'prediction_id': p['prediction_id'], 'labels': labels})
         assert r.status_code == 200, r.text
     assert [r['label'] for r in FeedbackLog(tmp_path/'fb.db').rows()] == [[], vocab[:3]]
+    from lessonlib.serve import finetune, original_items
+    items, trn, val = original_items(tmp_path/'planet_tiles')    # Planet's layout: the folder's one CSV, split 80/20
+    assert (len(items), len(val)) == (60, 12) and not set(trn) & set(val)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        res = finetune(fname, tmp_path/'fb.db', data=tmp_path/'planet_tiles', epochs=1)
+    assert (res['corrections'], res['replayed'], res['valid_items']) == (2, 8, 12)
+    assert ('wrote planet.v2.pkl' in res['message']) == (res['after']['valid_loss'] <= res['before']['valid_loss'])
 
 class Server:
     "The app under uvicorn on 127.0.0.1 (a free port) in a thread."
