@@ -249,3 +249,11 @@ def test_browser_upload_predict_correct(server, tmp_path):
     row = rows[-1]
     assert f'#{row["id"]}' in status and row['label'] == [right] and row['prediction'] == [predicted]
     assert 'my photo' not in row['image'] and (log.images/row['image']).is_file()
+
+def test_feedback_keeps_a_picture_at_most_1024_px(client):
+    p = client.post('/predict', files={'file': ('big.png', png((1500, 1200)), 'image/png')}).json()
+    r = client.post('/feedback', json={'prediction_id': p['prediction_id'], 'labels': ['circle']})
+    log = client.app.state.feedback
+    row = next(x for x in log.rows() if x['id'] == r.json()['feedback_id'])
+    test_size = Image.open(log.images/row['image']).size
+    assert test_size == (1024, 819), test_size
