@@ -96,3 +96,31 @@ def test_imdb_sample_source():
     src, df, unsup = imdb_source('imdb_sample')
     texts, labels, valid = split_texts(df)
     assert len(texts) == 1000 and sum(valid) == 200 and unsup == []
+
+
+def _tiny_classifier_data(n=64):
+    "Tokens, vocabulary and classifier loaders of `n` built-in reviews."
+    from lessonlib.text.tokenize import tokenize_cached
+    from lessonlib.text.data import make_vocab, clas_dataloaders
+    rows = review_rows(n, seed=5)
+    toks = tokenize_cached([r[1] for r in rows])
+    labels = [r[0] for r in rows]
+    vocab = make_vocab(toks, 1, 1000)
+    return clas_dataloaders(toks[:48], labels[:48], toks[48:], labels[48:], vocab, bs=16), vocab
+
+
+@pytest.mark.parametrize('gradual', [True, False])
+def test_train_classifier_recipes(tmp_path, gradual):
+    "Both recipes: `epochs` in all (gradual: one per stage, then the rest), every layer trained, left unfrozen."
+    import torch
+    from lessonlib.lessons.imdb import train_classifier
+    from lessonlib.text.models import SMALL_CONFIG, text_classifier_learner
+    cdls, vocab = _tiny_classifier_data()
+    config = dict(SMALL_CONFIG, emb_sz=16, n_hid=24, n_layers=2)
+    enc = text_classifier_learner(cdls, config, path=tmp_path)
+    enc.save_encoder('encoder')
+    emb0 = enc.model.encoder.encoder.weight.detach().clone()
+    learn = train_classifier(cdls, config, epochs=4, lr=1e-2, path=tmp_path, gradual=gradual)
+    assert len(learn.recorder.values) == (1 if gradual else 4)      # the last fit: after 3 one-epoch stages, or all 4
+    assert not torch.equal(learn.model.encoder.encoder.weight, emb0)   # the embedding trained in the end
+    assert all(p.requires_grad for p in learn.model.parameters())     # left unfrozen

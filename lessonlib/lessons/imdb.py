@@ -89,24 +89,27 @@ def train_lm(ldls, config: dict, epochs: int = 4, lr: float = 1e-2, drop_mult: f
     return learn
 
 # %% ../../nbs/lessons/04_imdb.ipynb #b132165b
-def train_classifier(cdls, config: dict, epochs: int = 3, lr: float = 1e-2, drop_mult: float = 0.3, path='.',
-                     encoder: str | None = 'encoder'):
-    "A classifier on `cdls` from the saved `encoder` (None: from scratch), trained with gradual unfreezing, then `epochs` unfrozen."
+def train_classifier(cdls, config: dict, epochs: int = 8, lr: float = 1e-2, drop_mult: float = 0.3, path='.',
+                     encoder: str | None = 'encoder', gradual: bool = True):
+    "A classifier on `cdls` from the saved `encoder` (None: from scratch), `epochs` in all: gradual unfreezing or all layers."
     learn = text_classifier_learner(cdls, config, drop_mult, path=path)
-    if encoder is None:                                 # no language model: all layers from the start
-        learn.fit_one_cycle(epochs + 3, lr / 2, moms=MOMS)
+    if encoder is not None: learn.load_encoder(encoder)
+    if encoder is None or not gradual:                  # every layer from the start
+        learn.fit_one_cycle(epochs, lr, moms=MOMS)
         return learn
-    learn.load_encoder(encoder)
     n_groups = len(learn.splitter(learn.model))
     learn.freeze()
     learn.fit_one_cycle(1, lr, moms=MOMS)
+    stages = 1
     for k, f in ((2, 2), (3, 4)):
         if n_groups > k:
             learn.freeze_to(-k)
             learn.fit_one_cycle(1, slice(lr / f / 2.6 ** 4, lr / f), moms=MOMS)
+            stages += 1
     learn.unfreeze()
-    learn.fit_one_cycle(epochs, slice(lr / 10 / 2.6 ** 4, lr / 10), moms=MOMS)
+    learn.fit_one_cycle(max(epochs - stages, 1), slice(lr / 10 / 2.6 ** 4, lr / 10), moms=MOMS)
     return learn
+
 
 # %% ../../nbs/lessons/04_imdb.ipynb #59dbcbd5
 def imdb_tokens(texts, cache: str = '', workers: int = 0) -> tuple[list, dict]:
@@ -130,11 +133,11 @@ def _plot_history(lm_hist, clf_hist):
     return fig
 
 # %% ../../nbs/lessons/04_imdb.ipynb #3988cf53
-def run_imdb(data: str = 'synth', epochs: int = 2, lm_epochs: int = 4, bs: int = 32, bptt: int = 48, emb: int = 64,
+def run_imdb(data: str = 'synth', epochs: int = 8, lm_epochs: int = 4, bs: int = 32, bptt: int = 48, emb: int = 64,
              hidden: int = 128, layers: int = 2, lr: float = 1e-2, lm_lr: float = 1e-2, drop_mult: float = 0.3,
              max_len: int = 400, min_freq: int = 2, max_vocab: int = 60000, seed: int = 42, out='imdb_out', n: int = 2000,
              text_col: str = 'text', label_col: str = 'label', valid_col: str = 'is_valid', pretrained: bool = False,
-             scratch: bool = False, workers: int = 0, cache: str = '') -> dict:
+             gradual: bool = False, scratch: bool = False, workers: int = 0, cache: str = '') -> dict:
     "Tokenise, train the language model, then the classifier from its encoder; write metrics.json, report.md, loss.png, the model to `out`."
     t0, out = time.time(), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,12 +157,13 @@ def run_imdb(data: str = 'synth', epochs: int = 2, lm_epochs: int = 4, bs: int =
     y_trn, y_val = [labels[i] for i in trn], [labels[i] for i in val]
     cdls = clas_dataloaders([toks[i] for i in trn], y_trn, [toks[i] for i in val], y_val, vocab, bs=bs, max_len=max_len)
     t = time.time()
-    clf = train_classifier(cdls, config, epochs, lr, drop_mult, out)
+    gradual = gradual or pretrained                 # the lesson's recipe needs a pretrained encoder (see above)
+    clf = train_classifier(cdls, config, epochs, lr, drop_mult, out, gradual=gradual)
     clf_s = time.time() - t
     top, base = majority_baseline(y_trn, y_val)
     res = {'data': str(src), 'out': str(out), 'reviews_train': len(trn), 'reviews_valid': len(val), 'reviews_unlabelled': len(unsup),
            'tokens_train': sum(len(t) for t in train_toks), 'vocab_size': len(vocab), **tok_times,
-           'config': config, 'pretrained': pretrained, 'lm_epochs': lm_epochs, 'epochs': epochs, 'lr': lr, 'lm_lr': lm_lr,
+           'config': config, 'pretrained': pretrained, 'gradual': gradual, 'lm_epochs': lm_epochs, 'epochs': epochs, 'lr': lr, 'lm_lr': lm_lr,
            'perplexity': lm.recorder.values[-1]['perplexity'] if lm.recorder.values else None,
            'lm_accuracy': lm.recorder.values[-1]['accuracy'] if lm.recorder.values else None,
            'accuracy': clf.recorder.values[-1]['accuracy'], 'baseline_accuracy_majority': base, 'baseline_majority_label': top,
@@ -187,14 +191,15 @@ def imdb_report(r: dict) -> str:
     c = r['config']
     scratch = (f"\n\nThe same classifier from scratch (no language model): accuracy {r['accuracy_from_scratch']:.4f}."
                if 'accuracy_from_scratch' in r else '')
+    recipe = f"{r['epochs']} classifier epochs, " + ('gradual unfreezing' if r.get('gradual') else 'all layers at once')
     ppl = f"{r['perplexity']:.2f}" if r['perplexity'] is not None else 'n/a'
     return (f"# IMDB run\n\nData: `{r['data']}` ({r['reviews_train']} training, {r['reviews_valid']} validation, "
             f"{r['reviews_unlabelled']} unlabelled reviews; {r['tokens_train']} training tokens, vocabulary {r['vocab_size']})\n\n"
             f"Tokenising: {r['tokenize_s']:.2f}s ({r['reviews_per_s']} reviews/s; from the cache {r['tokenize_cached_s']:.2f}s)\n\n"
             f"Model: AWD-LSTM emb {c['emb_sz']}, hidden {c['n_hid']}, {c['n_layers']} layers "
             f"({'WikiText-103 weights' if r['pretrained'] else 'language model from scratch on these reviews'}); "
-            f"{r['lm_epochs']} language-model epochs ({r['lm_time_s']:.0f}s), gradual unfreezing then {r['epochs']} "
-            f"epochs ({r['classifier_time_s']:.0f}s); {r['wall_time_s']:.0f}s in all\n\n"
+            f"{r['lm_epochs']} language-model epochs ({r['lm_time_s']:.0f}s), {recipe} "
+            f"({r['classifier_time_s']:.0f}s); {r['wall_time_s']:.0f}s in all\n\n"
             f"**Accuracy {r['accuracy']:.4f}** (always answering {r['baseline_majority_label']!r}: "
             f"{r['baseline_accuracy_majority']:.4f}); language-model perplexity {ppl}.{scratch}\n\n"
             f"| stage/epoch | train loss | valid loss | accuracy | time |\n|---|---|---|---|---|\n{rows}\n\n![loss](loss.png)\n")
@@ -208,7 +213,7 @@ def imdb_summary(r: dict) -> str:
 register_lesson('imdb', run_imdb, 'train the IMDB sentiment lesson: language model, then classifier (ULMFiT)',
                 option_help={'data': "'synth' (built in, no download), 'imdb_sample' (1,000 reviews), 'imdb' (the full "
                                      "archive, 144 MB) or a CSV file (or a folder with texts.csv)",
-                             'epochs': 'classifier epochs after gradual unfreezing', 'lm_epochs': 'language-model epochs',
+                             'epochs': 'classifier epochs in all (with --gradual: one per unfreezing stage, then the rest)', 'lm_epochs': 'language-model epochs',
                              'bs': 'batch size', 'bptt': 'tokens per language-model batch row', 'emb': 'embedding size',
                              'hidden': 'LSTM hidden units', 'layers': 'LSTM layers', 'lr': 'classifier learning rate',
                              'lm_lr': 'language-model learning rate', 'drop_mult': 'multiplies every dropout',
@@ -218,6 +223,7 @@ register_lesson('imdb', run_imdb, 'train the IMDB sentiment lesson: language mod
                              'n': 'reviews in the built-in set', 'text_col': 'CSV column of the texts',
                              'label_col': 'CSV column of the labels', 'valid_col': 'CSV column marking validation rows '
                              '(none: a random 20%%)', 'pretrained': 'start from WikiText-103 weights (a download; fastai sizes)',
+                             'gradual': 'gradual unfreezing even without pretrained weights (the lesson\'s recipe; on with --pretrained)',
                              'scratch': 'also train the classifier from scratch, for comparison',
                              'workers': 'tokenising processes (0: the CPUs)', 'cache': 'token cache folder (default ~/.cache/lessonlib)'},
                 types={'seed': int, 'out': str, 'lr': float, 'lm_lr': float, 'drop_mult': float, 'workers': int},
