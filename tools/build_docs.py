@@ -13,7 +13,7 @@ Each page records its notebook in `<meta name="lessonlib:source" content="nbs/..
 Usage: python tools/build_docs.py [--out _docs]   (or: make docs)
 Where Quarto is installed, `nbdev_docs` builds the real site from the same `_quarto.yml`.
 """
-import argparse, html, os, re, shutil, sys, tempfile
+import argparse, fnmatch, html, json, os, re, shutil, sys, tempfile, traceback
 from pathlib import Path
 
 import nbformat
@@ -105,6 +105,87 @@ def process_notebooks():
             'nbdev runs (while building the docs, here and under Quarto) every cell that is exported, '
             'calls show_doc, or contains an import. A cell that mixes imports with other code is therefore run '
             'on its own, without the cells above it: put imports in a cell of their own (see CONTRIBUTING.md).') from e
+
+
+def _run_notebook(fn, skip_flags, basepath):
+    """Run one notebook as `nbdev_test` does (cells flagged `skip_flags`, `eval: false` and `nbdev_export()` are
+    skipped; in the notebook's folder). Returns (outputs by cell id, seconds, error message or None)."""
+    import time
+    from fastcore.xtras import working_directory
+    from nbdev.process import NBProcessor
+    from nbdev.frontmatter import FrontmatterProc
+    from execnb.shell import CaptureShell
+    if basepath not in sys.path: sys.path.insert(0, basepath)
+    os.environ['IN_TEST'] = '1'
+    fn = Path(fn)
+    nb = NBProcessor(fn, procs=FrontmatterProc, process=True).nb
+    start = time.time()
+    def skip(cell):
+        if cell.cell_type != 'code' or 'nbdev_export' + '(' in cell.source: return True
+        direc = getattr(cell, 'directives_', {}) or {}
+        if direc.get('eval:', [''])[0].lower() == 'false': return True
+        return bool(set(skip_flags) & direc.keys())
+    shell, outputs = CaptureShell(fn), {}
+    with working_directory(fn.parent):
+        for i, cell in enumerate(nb.cells):
+            if skip(cell): continue
+            shell.cell(cell)
+            if cell.get('outputs'): outputs[cell.get('id')] = _plain(cell.outputs)
+            if shell.exc:
+                tb = ''.join(traceback.format_exception(type(shell.exc), shell.exc, shell.exc.__traceback__))
+                head = '\n'.join(cell.source.splitlines()[:6])
+                return outputs, time.time() - start, f'cell {i + 1} (id {cell.get("id")}) failed:\n{head}\n{tb}'
+    return outputs, time.time() - start, None
+
+
+def _plain(outputs):
+    "execnb's outputs as plain JSON-able dicts, multi-line text joined (as nbformat stores it in memory)."
+    res = []
+    for o in outputs:
+        o = json.loads(json.dumps(o, default=dict))
+        if isinstance(o.get('text'), list): o['text'] = ''.join(o['text'])
+        for k, v in (o.get('data') or {}).items():
+            if isinstance(v, list): o['data'][k] = ''.join(v)
+        res.append(o)
+    return res
+
+
+def execute_notebooks(n_workers=2, only=None):
+    """Run every notebook nbdev_test would, `n_workers` at a time (one torch thread each), sorted by path.
+    Returns ({notebook path relative to nbs: {cell id: outputs}}, failures as (notebook, message))."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from nbdev.config import get_config
+    from nbdev.doclinks import nbglob
+    cfg = get_config()
+    flags = cfg.get('tst_flags', '').split()
+    files = sorted(Path(f).absolute() for f in nbglob(cfg.nbs_path, as_path=True))
+    if only: files = [f for f in files if fnmatch.fnmatch(f.relative_to(cfg.nbs_path.absolute()).as_posix(), only)]
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+    print(f'running {len(files)} notebooks, {n_workers} at a time (skipping cells flagged {" ".join(flags)})', flush=True)
+    results, failures = {}, []
+    with ProcessPoolExecutor(max(1, n_workers), mp_context=multiprocessing.get_context('fork')) as pool:
+        futures = {f: pool.submit(_run_notebook, str(f), flags, str(cfg.config_path)) for f in files}
+        for f, fut in futures.items():
+            rel = f.relative_to(cfg.nbs_path.absolute()).as_posix()
+            try: outputs, secs, err = fut.result()
+            except Exception as e: outputs, secs, err = {}, 0.0, f'the worker running it crashed: {e!r}'
+            results[rel] = outputs
+            print(f'{"FAILED" if err else "ok":6s} {secs:6.1f}s  nbs/{rel}', flush=True)
+            if err: failures.append((rel, err))
+    return results, failures
+
+
+def add_outputs(proc, results):
+    "Give each processed notebook's code cells the outputs the run produced (matched by cell id; show_doc output kept)."
+    for rel, outputs in results.items():
+        p = proc/rel
+        if not p.exists() or not outputs: continue
+        nb = nbformat.read(p, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == 'code' and not cell.get('outputs') and cell.get('id') in outputs:
+                cell.outputs = [nbformat.from_dict(o) for o in outputs[cell.id]]
+        nbformat.write(nb, p)
 
 
 def frontmatter(nb):
@@ -312,20 +393,39 @@ def check_offline(site):
     if bad: raise SystemExit('pages load remote resources:\n' + '\n'.join(bad))
 
 
+def report_failures(failures, total):
+    "Print each failed notebook with its cell and traceback, then the count line .ci/run reads."
+    for rel, err in failures: print(f'\n=== nbs/{rel}: {err}', file=sys.stderr)
+    if failures: print('notebooks that failed: ' + ' '.join(f'nbs/{rel}' for rel, _ in failures), file=sys.stderr)
+    print(f'notebooks: {total - len(failures)} passed, {len(failures)} failed', flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--out', default='_docs', help='output folder (default: _docs)')
+    ap.add_argument('--workers', type=int, default=int(os.environ.get('LESSONLIB_DOCS_WORKERS', 2)),
+                    help='notebooks run at once (default: 2, one torch thread each)')
+    ap.add_argument('--no-exec', action='store_true',
+                    help='do not run the notebooks: pages show only the outputs stored in them (quick, incomplete)')
+    ap.add_argument('--only', help='run only the notebooks matching this glob (e.g. "05_*"); the others show stored outputs')
     args = ap.parse_args(argv)
     out = Path(args.out) if Path(args.out).is_absolute() else (ROOT/args.out).resolve()
     cwd = os.getcwd()
     os.chdir(ROOT)  # nbdev finds settings.ini from the working directory
+    failures = []
     try:
         from nbdev.config import get_config
         cfg = get_config()
-        proc = process_notebooks()
-        files = render_site(Path(proc), out, site_prefix=f"{cfg.doc_host}{cfg.doc_baseurl}")
+        results = {}
+        # Run the notebooks first, before this process imports torch (the workers are forked from it).
+        if not args.no_exec: results, failures = execute_notebooks(args.workers, args.only)
+        proc = Path(process_notebooks())
+        add_outputs(proc, results)
+        files = render_site(proc, out, site_prefix=f"{cfg.doc_host}{cfg.doc_baseurl}")
     finally: os.chdir(cwd)
     print(f'built {len(files)} pages in {out}')
+    if not args.no_exec: report_failures(failures, len(results))
+    if failures: raise SystemExit(1)
     return files
 
 
