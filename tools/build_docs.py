@@ -60,8 +60,7 @@ pre code,a code{color:inherit}
 .output_subarea img{display:block;margin:.3rem .8rem}
 a.source-link{float:right;font-size:smaller}
 .doc-signature pre{background:#f1f5fb;border-left:3px solid #2780e3;white-space:pre-wrap}
-div.math{font-family:SFMono-Regular,Menlo,Consolas,monospace;background:#fcfcf5;padding:.4rem .8rem;border-radius:4px;
-  text-align:center;overflow-x:auto;color:#444;margin:.5rem 0}
+.katex-display{overflow-x:auto;overflow-y:hidden;margin:.6rem 0}
 table{border-collapse:collapse;margin:.5rem 0;font-size:.92rem}
 td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:left}
 th{background:#f4f6f8}
@@ -78,6 +77,7 @@ PAGE = """<!DOCTYPE html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="lessonlib:source" content="{source}">
 <title>{plain_title} – lessonlib</title>
+{head}
 <style>{css}</style></head>
 <body><div class="layout">
 <nav class="sidebar"><h2><a href="{root}index.html">lessonlib</a></h2>{nav}</nav>
@@ -240,7 +240,9 @@ def _asis(cell):
     md = '\n\n'.join(parts)
     # show_doc's signature block: mark it so it can be styled apart from example code
     md = re.sub(r'^(#{2,4} .+\n\n)(```python\n.*?\n```)', r'\1<div class="doc-signature">\n\n\2\n\n</div>', md, flags=re.S | re.M)
-    return nbformat.v4.new_markdown_cell(quarto_links(md))
+    new = nbformat.v4.new_markdown_cell(quarto_links(md))
+    if cell.get('id'): new.id = cell.id
+    return new
 
 
 def clean(nb):
@@ -326,8 +328,76 @@ def fix_body(body, rel, page_files, site_prefix):
             path, frag = m.group(1), m.group(2) or ''
             return f'href="{root}{path}{frag}"' if path in page_files else m.group(0)
         body = re.sub(r'href="' + re.escape(site_prefix.rstrip('/')) + r'/([^"#]*\.html)(#[^"]*)?"', link, body)
-    body = re.sub(r'(?<![\w$])\$\$(.+?)\$\$', lambda m: f'<div class="math">{m.group(1).strip()}</div>', body, flags=re.S)
     return body
+
+
+_CODE = re.compile(r'(```.*?```|~~~.*?~~~|`[^`\n]*`)', re.S)
+_MATH = re.compile(r'\$\$(.+?)\$\$|(?<![\\$\w])\$(?=\S)([^$\n]+?)(?<=\S)\$(?![\w$])', re.S)
+TOOLS = ROOT/'tools'
+
+
+def extract_math(md, found):
+    "Replace `$$display$$` and `$inline$` math outside code by placeholders; append (tex, display) to `found`."
+    def rep(m):
+        found.append((m.group(1) if m.group(1) is not None else m.group(2), m.group(1) is not None))
+        return f'KATEXMATH{len(found) - 1}END'
+    parts = _CODE.split(md)
+    return ''.join(part if i % 2 else _MATH.sub(rep, part) for i, part in enumerate(parts))
+
+
+def katex_dir():
+    "KaTeX from the npm registry (tools/package.json, pinned by package-lock.json), installed on first use."
+    if not shutil.which('node'):
+        raise SystemExit('the docs render their math with KaTeX, which needs Node.js: install it '
+                         '(Debian/Ubuntu: apt-get install nodejs npm), then rerun')
+    kdir = TOOLS/'node_modules'/'katex'
+    if not (kdir/'package.json').exists():
+        if not shutil.which('npm'): raise SystemExit('npm is missing (Debian/Ubuntu: apt-get install npm): it installs KaTeX')
+        import subprocess
+        r = subprocess.run(['npm', 'ci', '--no-audit', '--no-fund'], cwd=TOOLS, capture_output=True, text=True)
+        if r.returncode: raise SystemExit(f'npm ci in {TOOLS} failed (it installs KaTeX for the math):\n{r.stderr[-2000:]}')
+    return kdir
+
+
+def render_math(formulas):
+    "HTML for each (tex, display) pair, rendered by KaTeX in one Node.js run (tools/render_math.js)."
+    if not formulas: return []
+    import subprocess
+    katex_dir()
+    r = subprocess.run(['node', str(TOOLS/'render_math.js')], input=json.dumps(formulas), capture_output=True,
+                       text=True, cwd=TOOLS)
+    if r.returncode: raise SystemExit(f'tools/render_math.js failed:\n{r.stderr[-2000:]}')
+    return json.loads(r.stdout)
+
+
+def math_to_placeholders(loaded):
+    "Take the math out of every page's markdown cells; return the formulas as (tex, display, page)."
+    formulas = []
+    for rel, _, _, _, nb in loaded:
+        for cell in nb.cells:
+            if cell.cell_type != 'markdown': continue
+            found = []
+            cell.source = _shift(extract_math(cell.source, found), len(formulas))
+            formulas.extend((tex, disp, rel) for tex, disp in found)
+    return formulas
+
+
+def _shift(md, offset):
+    "Number a cell's placeholders from `offset` (each cell numbers its own from 0)."
+    return re.sub(r'KATEXMATH(\d+)END', lambda m: f'KATEXMATH{int(m.group(1)) + offset}END', md)
+
+
+def copy_katex(dest):
+    "KaTeX's stylesheet and fonts, into the site (so the math renders offline)."
+    dist = katex_dir()/'dist'
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(dist/'katex.min.css', dest/'katex.min.css')
+    shutil.copytree(dist/'fonts', dest/'fonts', dirs_exist_ok=True)
+
+
+def put_math(body, rendered):
+    "Replace the placeholders by KaTeX's HTML."
+    return re.sub(r'KATEXMATH(\d+)END', lambda m: rendered[int(m.group(1))], body)
 
 
 def render_site(proc, out, site_prefix=None):
@@ -346,8 +416,14 @@ def render_site(proc, out, site_prefix=None):
     page_files = {rel.as_posix() for rel, _ in pages}
     if len(page_files) != len(pages): raise SystemExit(f'two notebooks render to the same page: {sorted(r.as_posix() for r, _ in pages)}')
     out.parent.mkdir(parents=True, exist_ok=True)
+    formulas = math_to_placeholders(loaded)
+    rendered = render_math([(tex, disp) for tex, disp, _ in formulas])
+    bad = [f'{page}: ${tex}$: {r["error"]}' for (tex, _, page), r in zip(formulas, rendered) if 'error' in r]
+    if bad: raise SystemExit('KaTeX cannot render this math (fix the TeX in the notebook):\n' + '\n'.join(bad))
+    rendered = [r['html'] for r in rendered]
     tmp = Path(tempfile.mkdtemp(prefix='.docs-', dir=out.parent))
     try:
+        if formulas: copy_katex(tmp/'katex')
         for i, (rel, nbrel, title, desc, nb) in enumerate(loaded):
             body, res = exporter.from_notebook_node(nb)
             body = offline_images(body)
@@ -360,7 +436,8 @@ def render_site(proc, out, site_prefix=None):
             dest.write_text(PAGE.format(
                 title=inline_md(title), plain_title=html.escape(title.replace('`', '')), css=CSS + _pygments_css(), root=root, nav=nav_html(pages, rel, root),
                 source=html.escape(f'{nbs_path.name}/{nbrel.as_posix()}'),
-                body=fix_body(body, rel, page_files, site_prefix),
+                body=put_math(fix_body(body, rel, page_files, site_prefix), rendered),
+                head=f'<link rel="stylesheet" href="{root}katex/katex.min.css">' if formulas else '',
                 description=f'<p class="description">{inline_md(desc)}</p>' if desc else '',
                 prev=link(i - 1, f'← {inline_md(pages[i-1][1]) if i else ""}'),
                 next=link(i + 1, f'{inline_md(pages[i+1][1]) if i + 1 < len(pages) else ""} →')), encoding='utf-8')
