@@ -2,10 +2,11 @@
 show the API, load nothing from the network, hide what is hidden, and link to each other.
 
 Uses the site in $LESSONLIB_DOCS_SITE when it holds index.html (.ci/run builds `_docs` first), else builds one
-into a temporary folder. The browser checks need `chromium` (Debian package `chromium`): skipped with a reason
-when it is absent, except under CI=true, where they fail.
+into a temporary folder (that runs every notebook: minutes; `make docs` then `LESSONLIB_DOCS_SITE=_docs pytest
+tests/test_docs.py` reuses one). The browser checks need `chromium` (`apt-get install chromium`): skipped with a
+reason when it is absent, except under CI=true, where they fail.
 """
-import importlib.util, os, re, shutil, subprocess, sys
+import ast, os, re, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,9 @@ DIRECTIVE_LINE = re.compile(r'^\s*#\s?\|\s*[\w-]+', re.M)
 def site(tmp_path_factory):
     env = os.environ.get('LESSONLIB_DOCS_SITE')
     if env and (Path(env)/'index.html').exists(): return Path(env)
-    spec = importlib.util.spec_from_file_location('build_docs', ROOT/'tools'/'build_docs.py')
-    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
     out = tmp_path_factory.mktemp('site')/'_docs'
-    mod.main(['--out', str(out)])
+    r = subprocess.run([sys.executable, str(ROOT/'tools'/'build_docs.py'), '--out', str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, f'tools/build_docs.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
     assert (out/'index.html').exists(), f'tools/build_docs.py wrote no index.html in {out}'
     return out
 
@@ -60,7 +60,8 @@ def _text(html_src):
 def chromium():
     exe = shutil.which('chromium') or shutil.which('chromium-browser')
     if exe is None:
-        msg = 'chromium is not installed (Debian package `chromium`); the docs screenshot test needs it'
+        msg = ('chromium is not installed; the docs screenshot test needs it: apt-get install chromium '
+               '(Debian/Ubuntu; any Chromium or Chrome named `chromium` on the PATH works)')
         if IN_CI: pytest.fail(msg + ' and CI=true, where it must run (.ci/run installs it)')
         pytest.skip(msg)
     return exe
@@ -208,3 +209,121 @@ def test_exported_names_documented_and_anchors_resolve(site):
             if dest.is_file() and dest.suffix == '.html' and u.fragment not in _ids(dest): dead.add(a['href'])
         if dead: problems.append(f'{page.name}: links to anchors that do not exist: {sorted(dead)}')
     assert not problems, '\n'.join(problems)
+
+
+# ---------------------------------------------------------------- outputs and math
+DISPLAY_CALLS = {'show_doc', 'display', 'print', 'show_batch', 'show_results', 'summary', 'show', 'imshow',
+                 'plot', 'plot_loss', 'plot_lr_find', 'plot_confusion_matrix', 'plot_top_losses', 'show_image',
+                 'show_images', 'show_points', 'show_masks'}
+TST_FLAGS = {'colab', 'gpu', 'internet'}
+
+
+def _directives(src):
+    return [l.split('|', 1)[1].strip() for l in src.splitlines() if re.match(r'^\s*#\s?\|', l)]
+
+
+def _call_name(node):
+    f = node.func if isinstance(node, ast.Call) else None
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+
+
+def expects_output(src):
+    """Whether an example cell must show something: a top-level call that displays (show_doc, display, print,
+    show_batch, summary, a plot), or a last line that is a bare value (not a call, not ending in `;`).
+    Cells the docs hide, cells nbdev_test skips (colab, gpu, internet, `eval: false`) and `output: false` expect none."""
+    opts = ' '.join(_directives(src))
+    if re.search(r'\b(hide|include:\s*false|export_hide|eval:\s*false|output:\s*false)\b', opts): return False
+    if TST_FLAGS & set(opts.split()) or 'nbdev_export(' in src: return False
+    code = '\n'.join(l for l in src.splitlines() if not l.lstrip().startswith(('%', '!')))
+    try: body = ast.parse(code).body
+    except SyntaxError: return False
+    if not body: return False
+    calls = [_call_name(s.value) for s in body if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)]
+    if DISPLAY_CALLS & set(filter(None, calls)): return True
+    last = body[-1]
+    if not isinstance(last, ast.Expr) or src.rstrip().endswith(';'): return False
+    return not isinstance(last.value, (ast.Call, ast.Await, ast.Yield, ast.Constant)) or (
+        isinstance(last.value, ast.Constant) and not isinstance(last.value.value, str))
+
+
+def missing_outputs(page_html, nb):
+    "The cells of `nb` that expect output but show none on the page (matched by the cell id nbconvert writes)."
+    from bs4 import BeautifulSoup
+    soup = BeautifulSoup(page_html, 'html.parser')
+    missing = []
+    for i, c in enumerate(nb.cells):
+        if c.cell_type != 'code' or not expects_output(c.source): continue
+        el = soup.find(id=f'cell-id={c.get("id")}')
+        shown = el is not None and (el.find(class_='output_area') is not None if 'code_cell' in (el.get('class') or [])
+                                     else bool(el.get_text(strip=True)))
+        if not shown: missing.append(f'cell {i + 1} (id {c.get("id")}): {c.source.strip().splitlines()[-1][:80]}')
+    return missing
+
+
+def test_expects_output_rule():
+    "The rule the outputs check uses, on cells whose answer is known."
+    yes = ['x = 1\nx', 'dls.show_batch(max_n=4)', 'print(1)', 'show_doc(f)', 'm.summary()', 'a[0], b', 'x.shape',
+           'plt.plot([1, 2])', '3 + 4']
+    no = ['x = 1', 'test_eq(f(1), 2)', 'learn.fit(1)', 'x;', '#| hide\nx', '#| colab\ndls.show_batch()',
+          '#| eval: false\nx', 'import torch', '"a docstring"', 'def f(): print(1)', '#| output: false\nx']
+    for s in yes: assert expects_output(s), s
+    for s in no: assert not expects_output(s), s
+
+
+def test_missing_outputs_detects_a_bare_cell():
+    "A cell that should show a value and has no output on its page is reported; with an output it is not."
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell('x = 1\nx'), nbformat.v4.new_code_cell('y = 2')])
+    cid = nb.cells[0].id
+    bare = f'<div class="cell code_cell" id="cell-id={cid}"><div class="input">x</div></div>'
+    full = f'<div class="cell code_cell" id="cell-id={cid}"><div class="output_area"><pre>1</pre></div></div>'
+    assert len(missing_outputs(bare, nb)) == 1 and 'cell 1' in missing_outputs(bare, nb)[0]
+    assert missing_outputs(full, nb) == []
+    assert len(missing_outputs('<html></html>', nb)) == 1   # a cell not on the page at all
+
+
+def test_every_page_shows_its_outputs(site, record_property):
+    "Every page built from a notebook shows the output of each example cell that should have one."
+    checked, problems = [], []
+    for page in _pages(site):
+        nb_path = _source_nb(page)
+        if nb_path is None or not nb_path.exists(): continue
+        nb = nbformat.read(nb_path, as_version=4)
+        missing = missing_outputs(page.read_text(encoding='utf-8'), nb)
+        n = sum(c.cell_type == 'code' and expects_output(c.source) for c in nb.cells)
+        checked.append(f'{page.relative_to(site)} ({nb_path.relative_to(ROOT)}): {n - len(missing)}/{n} cells show output')
+        if missing: problems.append(f'{page.relative_to(site)} ({nb_path.relative_to(ROOT)}): no output for\n    '
+                                    + '\n    '.join(missing))
+    record_property('pages_checked', '; '.join(checked))
+    print('pages checked for outputs:\n' + '\n'.join(checked))
+    nbs = [p for p in (ROOT/'nbs').rglob('*.ipynb') if not any(q.startswith(('_', '.')) for q in p.relative_to(ROOT/'nbs').parts)]
+    assert len(checked) == len(nbs), f'{len(checked)} pages checked for {len(nbs)} notebooks'
+    assert not problems, ('pages without the outputs of their examples (the docs build runs the notebooks: '
+                          'see its log):\n' + '\n'.join(problems))
+
+
+def test_math_rendered_offline(site):
+    "Every `$...$` / `$$...$$` in a notebook's markdown is KaTeX HTML on its page, styled by the bundled stylesheet."
+    from bs4 import BeautifulSoup
+    pages_with_math = 0
+    for page in _pages(site):
+        nb_path = _source_nb(page)
+        if nb_path is None or not nb_path.exists(): continue
+        md = '\n'.join(c.source for c in nbformat.read(nb_path, as_version=4).cells if c.cell_type == 'markdown')
+        md = re.sub(r'```.*?```|`[^`\n]*`', '', md, flags=re.S)
+        n_display = len(re.findall(r'\$\$.+?\$\$', md, re.S))
+        n_inline = len(re.findall(r'(?<![\\$\w])\$(?=\S)[^$\n]+?(?<=\S)\$(?![\w$])', re.sub(r'\$\$.+?\$\$', '', md, flags=re.S)))
+        src = page.read_text(encoding='utf-8')
+        soup = BeautifulSoup(src, 'html.parser')
+        katex = soup.find_all(class_='katex')
+        assert len(katex) == n_display + n_inline, (
+            f'{page.name}: {len(katex)} formulas rendered, {n_display} display + {n_inline} inline in {nb_path.name}')
+        assert len(soup.find_all(class_='katex-display')) == n_display, f'{page.name}: display math not in display mode'
+        text = soup.get_text()
+        assert 'KATEXMATH' not in src and '$$' not in text, f'{page.name}: math left unrendered'
+        if not katex: continue
+        pages_with_math += 1
+        css = [l['href'] for l in soup.find_all('link', rel='stylesheet') if 'katex' in l['href']]
+        assert css and (page.parent/css[0]).is_file(), f'{page.name}: no KaTeX stylesheet in the site'
+        fonts = re.findall(r'url\(([^)]+\.woff2)\)', (page.parent/css[0]).read_text(encoding='utf-8'))
+        assert fonts and all(((page.parent/css[0]).parent/f).is_file() for f in fonts), 'KaTeX fonts missing'
+    assert pages_with_math >= 1, 'no page has math: the check did not run'

@@ -20,6 +20,7 @@ import nbformat
 from nbconvert import HTMLExporter
 
 ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT/'tools'
 DIRECTIVE = re.compile(r'^\s*#\s?\|')
 
 
@@ -163,9 +164,12 @@ def execute_notebooks(n_workers=2, only=None):
     if only: files = [f for f in files if fnmatch.fnmatch(f.relative_to(cfg.nbs_path.absolute()).as_posix(), only)]
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     print(f'running {len(files)} notebooks, {n_workers} at a time (skipping cells flagged {" ".join(flags)})', flush=True)
+    # The workers look the function up by module name: IPython replaces a worker's __main__ once it runs a notebook.
+    if str(TOOLS) not in sys.path: sys.path.insert(0, str(TOOLS))
+    import build_docs
     results, failures = {}, []
     with ProcessPoolExecutor(max(1, n_workers), mp_context=multiprocessing.get_context('fork')) as pool:
-        futures = {f: pool.submit(_run_notebook, str(f), flags, str(cfg.config_path)) for f in files}
+        futures = {f: pool.submit(build_docs._run_notebook, str(f), flags, str(cfg.config_path)) for f in files}
         for f, fut in futures.items():
             rel = f.relative_to(cfg.nbs_path.absolute()).as_posix()
             try: outputs, secs, err = fut.result()
@@ -333,7 +337,6 @@ def fix_body(body, rel, page_files, site_prefix):
 
 _CODE = re.compile(r'(```.*?```|~~~.*?~~~|`[^`\n]*`)', re.S)
 _MATH = re.compile(r'\$\$(.+?)\$\$|(?<![\\$\w])\$(?=\S)([^$\n]+?)(?<=\S)\$(?![\w$])', re.S)
-TOOLS = ROOT/'tools'
 
 
 def extract_math(md, found):
