@@ -10,11 +10,15 @@ expected = 'version description keywords author author_email license git_url lib
 missing = [o for o in expected if o not in cfg]
 if missing: raise SystemExit(f"settings.ini is missing: {', '.join(missing)}")
 
-licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
+# settings.ini's nbdev licence name -> its SPDX expression (PEP 639: no licence classifier, the text in LICENSE)
+licenses = {'apache2': 'Apache-2.0'}
 statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Production/Stable', '6 - Mature', '7 - Inactive']
 py_versions = '3.10 3.11 3.12 3.13'.split()
 
-lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
+lic = licenses.get(cfg['license'].lower(), cfg['license'])
+# setuptools >= 77 writes License-Expression (PEP 639); older ones only know the free-text `license` field
+lic_kw = ({'license_expression': lic} if hasattr(setuptools.dist.Distribution, '_finalize_license_expression')
+          else {'license': lic})
 min_python = cfg['min_python']
 requirements = shlex.split(cfg.get('requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
@@ -23,12 +27,12 @@ console_scripts = [o.strip() for o in cfg.get('console_scripts', '').split(';') 
 
 setuptools.setup(
     name=cfg['lib_name'],
-    license=lic[0],
+    **lic_kw,
+    license_files=['LICENSE'],
     classifiers=['Development Status :: ' + statuses[int(cfg['status'])],
                  'Intended Audience :: ' + cfg['audience'].title(),
                  'Natural Language :: ' + cfg['language'].title()]
-                + ['Programming Language :: Python :: ' + o for o in py_versions[py_versions.index(min_python):]]
-                + (['License :: ' + lic[1]] if lic[1] else []),
+                + ['Programming Language :: Python :: ' + o for o in py_versions[py_versions.index(min_python):]],
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['lessonlib', 'lessonlib.*']),
     include_package_data=True,

@@ -29,7 +29,10 @@ def test_present_folder_is_used_without_network_or_writes(isolated):
     assert snapshot(data) == before
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason='../shared/data (the real sample data sets) is absent')
+@pytest.mark.skipif(not SHARED.is_dir(), 
+                    reason='../shared/data (a read-only folder of the real sample sets, beside the repository) is absent: '
+                           'this checks lessonlib reads such a folder without writing to it; create one with '
+                           '`LESSONLIB_DATA=../shared/data lessonlib data get planet_tiny` (and the other sets this test names)')
 def test_shared_read_only_data_serves_lessons(monkeypatch):
     monkeypatch.setenv('LESSONLIB_DATA', str(SHARED))
     before = {p: p.stat().st_mtime_ns for p in SHARED.iterdir()}

@@ -91,7 +91,9 @@ def test_command_reads_any_csv(tmp_path):
     assert r.returncode != 0 and "no column 'text'" in r.stderr
 
 
-@pytest.mark.skipif(not (data_dir()/'imdb_sample'/'texts.csv').exists(), reason='imdb_sample not in the data folder (LESSONLIB_DATA)')
+@pytest.mark.skipif(not (data_dir()/'imdb_sample'/'texts.csv').exists(),
+                    reason=f'imdb_sample is not in the data directory {data_dir()}: `lessonlib data get imdb_sample` downloads it, '
+                           'or set LESSONLIB_DATA to a folder that has it')
 def test_imdb_sample_source():
     src, df, unsup = imdb_source('imdb_sample')
     texts, labels, valid = split_texts(df)
