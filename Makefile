@@ -6,7 +6,7 @@ BIN := $(if $(wildcard .venv/bin/python),.venv/bin/,)
 PY := $(if $(BIN),$(BIN)python,python3)
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 docs:  ## run every notebook and build the static docs site, outputs and math included, into _docs/ (no Quarto)
 	$(PY) tools/build_docs.py --out _docs
