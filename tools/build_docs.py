@@ -13,7 +13,7 @@ Each page records its notebook in `<meta name="lessonlib:source" content="nbs/..
 Usage: python tools/build_docs.py [--out _docs]   (or: make docs)
 Where Quarto is installed, `nbdev_docs` builds the real site from the same `_quarto.yml`.
 """
-import argparse, fnmatch, html, json, os, re, shutil, sys, tempfile, traceback
+import argparse, fnmatch, html, json, os, re, shutil, sys, tempfile, time, traceback
 from pathlib import Path
 
 import nbformat
@@ -111,7 +111,6 @@ def process_notebooks():
 def _run_notebook(fn, skip_flags, basepath):
     """Run one notebook as `nbdev_test` does (cells flagged `skip_flags`, `eval: false` and `nbdev_export()` are
     skipped; in the notebook's folder). Returns (outputs by cell id, seconds, error message or None)."""
-    import time
     from fastcore.xtras import working_directory
     from nbdev.process import NBProcessor
     from nbdev.frontmatter import FrontmatterProc
@@ -496,12 +495,16 @@ def main(argv=None):
     try:
         from nbdev.config import get_config
         cfg = get_config()
-        results = {}
+        results, t0 = {}, time.time()
         # Run the notebooks first, before this process imports torch (the workers are forked from it).
         if not args.no_exec: results, failures = execute_notebooks(args.workers, args.only)
+        t1 = time.time()
         proc = Path(process_notebooks())
         add_outputs(proc, results)
+        t2 = time.time()
         files = render_site(proc, out, site_prefix=f"{cfg.doc_host}{cfg.doc_baseurl}")
+        print(f'time: running the notebooks {t1 - t0:.0f}s, nbdev processing {t2 - t1:.0f}s, '
+              f'rendering {time.time() - t2:.0f}s', flush=True)
     finally: os.chdir(cwd)
     print(f'built {len(files)} pages in {out}')
     if not args.no_exec: report_failures(failures, len(results))
