@@ -10,7 +10,13 @@ front matter, e.g. `05_metrics.ipynb` -> `metrics.html`), and nbdev's doc links 
 real site (`doc_host` + `doc_baseurl`) are made relative, so they work offline.
 Each page records its notebook in `<meta name="lessonlib:source" content="nbs/...ipynb">`.
 
-Usage: python tools/build_docs.py [--out _docs]   (or: make docs)
+The notebooks are run first, once each, as `nbdev_test` runs them (cells flagged with `tst_flags` from
+settings.ini, `eval: false` and `nbdev_export()` skipped; `--workers` at a time, default 2), and every page shows
+the outputs: this is also the notebook test (a failing cell fails the build, naming the notebook and the cell; the
+log ends with `notebooks: N passed, M failed`). Math in markdown cells (`$...$`, `$$...$$`) is rendered to HTML by
+KaTeX (tools/package.json, installed with `npm ci` on first use; Node.js needed), its CSS and fonts copied into the site.
+
+Usage: python tools/build_docs.py [--out _docs] [--workers 2] [--only GLOB] [--no-exec]   (or: make docs)
 Where Quarto is installed, `nbdev_docs` builds the real site from the same `_quarto.yml`.
 """
 import argparse, fnmatch, html, json, os, re, shutil, sys, tempfile, time, traceback
