@@ -327,3 +327,28 @@ def test_math_rendered_offline(site):
         fonts = re.findall(r'url\(([^)]+\.woff2)\)', (page.parent/css[0]).read_text(encoding='utf-8'))
         assert fonts and all(((page.parent/css[0]).parent/f).is_file() for f in fonts), 'KaTeX fonts missing'
     assert pages_with_math >= 1, 'no page has math: the check did not run'
+
+
+def _build_docs_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('build_docs_under_test', ROOT/'tools'/'build_docs.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+
+def test_run_notebook_skips_flagged_cells_and_names_the_failing_cell(tmp_path):
+    "The docs build runs a notebook as nbdev_test does, keeps its outputs by cell id, and names the cell that failed."
+    bd = _build_docs_module()
+    cells = [nbformat.v4.new_code_cell('x = 41\nx + 1'), nbformat.v4.new_code_cell('#| colab\nraise ValueError("colab only")'),
+             nbformat.v4.new_code_cell('#| eval: false\nraise ValueError("never run")'), nbformat.v4.new_code_cell('print("hi")')]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    fn = tmp_path/'ok.ipynb'; nbformat.write(nb, fn)
+    outputs, secs, err = bd._run_notebook(str(fn), ['colab', 'gpu', 'internet'], str(ROOT))
+    assert err is None, err
+    assert outputs[cells[0].id][0]['data']['text/plain'] == '42' and outputs[cells[3].id][0]['text'] == 'hi\n'
+    assert cells[1].id not in outputs and cells[2].id not in outputs
+    nb.cells.insert(1, nbformat.v4.new_code_cell('y = 1\n1 / 0'))
+    nbformat.write(nb, fn)
+    outputs, secs, err = bd._run_notebook(str(fn), ['colab', 'gpu', 'internet'], str(ROOT))
+    assert err is not None and 'cell 2' in err and '1 / 0' in err and 'ZeroDivisionError' in err, err
+    assert cells[3].id not in outputs    # stops at the first failure, as nbdev_test does
