@@ -343,12 +343,12 @@ def test_run_notebook_skips_flagged_cells_and_names_the_failing_cell(tmp_path):
              nbformat.v4.new_code_cell('#| eval: false\nraise ValueError("never run")'), nbformat.v4.new_code_cell('print("hi")')]
     nb = nbformat.v4.new_notebook(cells=cells)
     fn = tmp_path/'ok.ipynb'; nbformat.write(nb, fn)
-    outputs, secs, err = bd._run_notebook(str(fn), ['colab', 'gpu', 'internet'], str(ROOT))
+    outputs, times, err = bd._run_notebook(str(fn), ['colab', 'gpu', 'internet'], str(ROOT))
     assert err is None, err
     assert outputs[cells[0].id][0]['data']['text/plain'] == '42' and outputs[cells[3].id][0]['text'] == 'hi\n'
     assert cells[1].id not in outputs and cells[2].id not in outputs
     nb.cells.insert(1, nbformat.v4.new_code_cell('y = 1\n1 / 0'))
     nbformat.write(nb, fn)
-    outputs, secs, err = bd._run_notebook(str(fn), ['colab', 'gpu', 'internet'], str(ROOT))
+    outputs, times, err = bd._run_notebook(str(fn), ['colab', 'gpu', 'internet'], str(ROOT))
     assert err is not None and 'cell 2' in err and '1 / 0' in err and 'ZeroDivisionError' in err, err
     assert cells[3].id not in outputs    # stops at the first failure, as nbdev_test does
