@@ -25,6 +25,7 @@ DIRECTIVE_LINE = re.compile(r'^\s*#\s?\|\s*[\w-]+', re.M)
 def site(tmp_path_factory):
     env = os.environ.get('LESSONLIB_DOCS_SITE')
     if env and (Path(env)/'index.html').exists(): return Path(env)
+    if env: pytest.fail(f'LESSONLIB_DOCS_SITE={env} holds no index.html: the docs build failed (.ci/logs/docs.log)')
     out = tmp_path_factory.mktemp('site')/'_docs'
     r = subprocess.run([sys.executable, str(ROOT/'tools'/'build_docs.py'), '--out', str(out)], capture_output=True, text=True)
     assert r.returncode == 0, f'tools/build_docs.py failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}'
