@@ -126,6 +126,7 @@ def _run_notebook(fn, skip_flags, basepath):
     fn = Path(fn)
     nb = NBProcessor(fn, procs=FrontmatterProc, process=True).nb
     start, cpu = time.time(), _cpu()
+    if str(getattr(nb, 'frontmatter_', {}).get('skip_exec', '')).lower() in ('true', '1', 'yes'): return {}, (0.0, 0.0), None
     def skip(cell):
         if cell.cell_type != 'code' or 'nbdev_export' + '(' in cell.source: return True
         direc = getattr(cell, 'directives_', {}) or {}
