@@ -274,6 +274,9 @@ def test_new_version_served_with_the_same_feedback_log(shapes, tmp_path, monkeyp
         assert r.status_code == 200, r.text
         versions.append(p['model_version'])
         ids.append(r.json()['feedback_id'])
+    from lessonlib.serve import serve
+    serve(v2)                                                    # the function's own default too
+    assert started[-1][1]['host'] == '127.0.0.1' and started[-1][0].state.feedback.db == tmp_path/'feedback.db'
     assert versions[0].startswith('shapes.pkl@') and versions[1].startswith('shapes.v2.pkl@') and versions[0] == versions[2]
     rows = FeedbackLog(tmp_path/'feedback.db').rows()
     assert [(r['id'], r['model_version']) for r in rows] == list(zip(ids, versions))
