@@ -105,7 +105,6 @@ class ImageModel:
 # %% ../nbs/20_serve.ipynb #a66ac280
 def tiny_export(dest, epochs: int = 1, size: int = 32, seed: int = 42, multi: bool = False, n: int = 240):
     "Train a small CNN briefly on a built-in set (shapes; Planet tiles with `multi`) and export it to `dest`."
-    import torch.nn as nn
     from lessonlib.core import set_seed
     from lessonlib.lessons.scratch import SimpleCNN, read_image_folder, scratch_dls
     from lessonlib.learner import Learner

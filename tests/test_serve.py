@@ -2,7 +2,6 @@
 several threads, fine-tuning from the command line, and one end-to-end run in a real browser (chromium + Selenium)."""
 import io, json, os, re, shutil, sqlite3, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 import pytest
 
 pytest.importorskip('fastapi', reason='the serve extra is not installed: pip install "lessonlib[serve]"')
