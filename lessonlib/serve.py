@@ -171,7 +171,7 @@ class FeedbackLog:
                                  'prediction_id) VALUES (?, ?, ?, ?, ?, ?, ?)', row).lastrowid
         except sqlite3.IntegrityError:
             (self.images/name).unlink(missing_ok=True)
-            raise AlreadyCorrected(f'prediction {prediction_id} was already corrected (#{self.corrected(prediction_id)}): '
+            raise AlreadyCorrected(f'this prediction was already corrected (#{self.corrected(prediction_id)}): '
                                    'one correction per prediction; predict the image again to send another') from None
 
     def rows(self) -> list:
