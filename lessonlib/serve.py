@@ -183,7 +183,6 @@ class FeedbackLog:
             for k in ('prediction', 'probabilities', 'label'): r[k] = json.loads(r[k])
         return rows
 
-
 # %% ../nbs/20_serve.ipynb #b5cb1a4b
 class _Recent:
     "The last `n` predictions by id (a bounded, thread-safe dictionary)."
@@ -403,6 +402,7 @@ def next_version(fname) -> Path:
     base, n = (m.group(1), int(m.group(2))) if m else (fname.stem, 1)
     while (p := fname.with_name(f'{base}.v{n + 1}{fname.suffix}')).exists(): n += 1
     return p
+
 def _claim(tmp, dest):
     "Give the file `tmp` the name `dest` if no file has it (else `FileExistsError`), never replacing a file."
     try: os.link(tmp, dest)
@@ -422,7 +422,6 @@ def export_version(learn, model) -> Path:
                 return dest
             except FileExistsError: continue   # another run took that number meanwhile: the next one
     finally: tmp.unlink(missing_ok=True)
-
 
 # %% ../nbs/20_serve.ipynb #d0237438
 def _rounded(d: dict) -> dict: return {k: round(float(v), 4) for k, v in d.items()}
