@@ -28,7 +28,8 @@ def _deploy_parsers(sub):
     f = sub.add_parser('finetune', help='fine-tune an exported model on the corrections of a feedback log')
     f.add_argument('model', help='the exported model that was served')
     f.add_argument('--feedback', required=True, help='the SQLite file of corrections (lessonlib serve --feedback)')
-    f.add_argument('--data', default=None, help='the original data: a CSV, a folder with one CSV, or an image folder')
+    f.add_argument('--data', required=True, help='the original data (a CSV, a folder with one CSV, or an image folder): '
+                   'the model is judged on its validation set before and after')
     for k, t in (('epochs', positive_int), ('lr', float), ('replay', int), ('seed', int)):
         f.add_argument(f'--{k}', type=t, default=None, help=f'{k} (default: that of lessonlib.serve.finetune)')
 
