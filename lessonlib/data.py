@@ -792,6 +792,8 @@ class DataBlock:
             items = self.collect(source); say(f'collect items: {len(items)} items, e.g. {describe(items[0])}')
             step = f'split ({self.splitter!r})'
             trn, val = self.split(items); say(f'{step}: {len(trn)} train, {len(val)} valid')
+            step = 'check that the files exist'
+            trn, val = _check_files(items, (trn, val), self.blocks, self.getters, self.on_bad_item)
             step = 'setup blocks'
             dsets = self._datasets(items, (trn, val))
             for b in dsets.blocks:
