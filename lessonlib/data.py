@@ -81,7 +81,7 @@ def _decode_table(fn, data: bytes, encoding: str) -> str:
 
 def _table_rows(fn, text: str, sep: str) -> list:
     "(line, cells) for each non-blank row of `text`, cells stripped; a `DataError` naming the line if it cannot parse."
-    reader = csv.reader(io.StringIO(text, newline=''), delimiter=sep, skipinitialspace=True)
+    reader = csv.reader(io.StringIO(text, newline=''), delimiter=sep, skipinitialspace=True, strict=True)
     rows, line = [], 1
     try:
         for cells in reader:
@@ -458,6 +458,7 @@ class Datasets:
 class Skipped(tuple):
     "What `SplitDataset` gives for an unreadable item under `on_bad_item='skip'`: (item description, error message)."
     def __new__(cls, item: str, msg: str): return super().__new__(cls, (item, msg))
+    def __getnewargs__(self): return tuple(self)      # picklable: it comes back from loader worker processes
 
 class SplitDataset(torch.utils.data.Dataset):
     "The train or valid part of a `Datasets`: `ds[i]` is the encoded tuple of its i-th item."

@@ -170,7 +170,7 @@ def test_skip_policy_skips_warns_and_counts_and_training_goes_on(tmp_path):
         learn.fit(2)
     msgs = [str(m.message) for m in w]
     for bad in files: assert sum(f'skipped a bad item' in m and bad in m for m in msgs) == 2, (bad, msgs)   # each epoch
-    assert sum(f'{len(files)} of {len(items)} training items skipped this epoch' in m for m in msgs) == 2, msgs
+    assert sum(f'{len(files)} of {len(items) - 1} training items skipped this epoch' in m for m in msgs) == 2, msgs
     assert len(learn.recorder.values) == 2                                   # both epochs ran
     with pytest.raises(DataError, match='every item failed'):               # skipping everything is not training
         [b for b in blk(on_bad_item='skip').dataloaders([tmp_path/f for f in files] + [tmp_path/'ok0.png'], bs=2,
@@ -225,7 +225,7 @@ def test_header_less_file_with_the_expected_columns(tmp_path):
     ('', None, 'is empty'),
     ('\n\n', None, 'is empty'),
     ('image_name tags\na clear\n', ['image_name', 'tags'], 'it has 1 column'),
-    ('image,label\na,b\n', ['image_name', 'tags'], r"line 1 \(the header\): no column \['image_name', 'tags'\]"),
+    ('image_name,label\na,b\n', ['image_name', 'tags'], r"line 1 \(the header\): no column \['tags'\]"),
     ('image_name,tags\na,clear\nb,clear,extra\n', None, r'line 3: 3 cells for the 2 columns'),
     ('image_name,tags\na,"clear\n', None, r'line \d+'),
 ])
@@ -407,8 +407,9 @@ def test_bad_data_folder_is_named_before_any_work(tmp_path, kind):
     ro = tmp_path/'ro'; ro.mkdir(); os.chmod(ro, 0o500)
     dest = {'file': tmp_path/'f', 'under a file': tmp_path/'f'/'data', 'read-only': ro}[kind]
     called = []
-    with pytest.raises(DataFolderError, match=rf'{dest}.*(is a file|Cannot create|read-only).*LESSONLIB_DATA'):
+    with pytest.raises(DataFolderError, match=r'(is a file|Cannot create|read-only).*LESSONLIB_DATA') as e:
         make_synth(dest/'set', {'n': 1}, called.append)
+    assert str(dest) in str(e.value)
     with pytest.raises(DownloadError, match=str(dest)): untar_data('http://127.0.0.1:9/x.tgz', dest, retries=0)
     assert not called
     with pytest.raises(DataFolderError): check_data_folder(dest)
