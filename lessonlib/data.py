@@ -197,10 +197,18 @@ class GrandparentSplitter:
         return [i for i, g in enumerate(gp) if g == self.train_name], [i for i, g in enumerate(gp) if g == self.valid_name]
     def __repr__(self): return f'GrandparentSplitter({self.train_name!r}, {self.valid_name!r})'
 
+def _truthy(v) -> bool:
+    "A table cell as a flag: text like 'True', '1', 'yes' is true, 'False', '0', 'no', '' false; else `bool(v)`."
+    if not isinstance(v, str): return bool(v)
+    s = v.strip().lower()
+    if s in ('true', 't', '1', 'yes', 'y', '1.0'): return True
+    if s in ('false', 'f', '0', 'no', 'n', '', '0.0'): return False
+    raise DataError(f'ColSplitter: {v!r} is not a yes/no value; use True/False or 1/0 in the split column')
+
 class ColSplitter:
-    "Validation rows are those whose column `col` is true (e.g. an `is_valid` column)."
+    "Validation rows are those whose column `col` is true (e.g. an `is_valid` column; text 'True'/'False' read right)."
     def __init__(self, col='is_valid'): self.col = col
-    def __call__(self, items): return FuncSplitter(lambda r: r[self.col])(items)
+    def __call__(self, items): return FuncSplitter(lambda r: _truthy(r[self.col]))(items)
     def __repr__(self): return f'ColSplitter({self.col!r})'
 
 # %% ../nbs/01_data.ipynb #a1f27c13

@@ -14,7 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..data import (Block, Transform, DataError, BadItemError, DataBlock, DataLoaders, CategoryBlock, MultiCategoryBlock,
                             ColReader, RandomSplitter, ColSplitter, GrandparentSplitter, RegexLabeller,
-                            parent_label, get_files, describe, _hw, IMAGE, MASK, POINTS)
+                            parent_label, get_files, describe, read_table, _hw, IMAGE, MASK, POINTS)
 from ..losses import CrossEntropyLossFlat, MSELossFlat
 
 # %% auto #0
@@ -397,11 +397,10 @@ class ImageDataLoaders:
 
     @staticmethod
     def from_csv(path, csv_fname='labels.csv', **kwargs) -> DataLoaders:
-        "From a CSV label file in `path` (see `from_df` for the options)."
-        import pandas as pd
+        "From a CSV label file in `path` (read by `read_table`; see `from_df` for the options)."
         fn = Path(path)/csv_fname
         if not fn.exists(): raise DataError(f'from_csv: no label file {fn}')
-        return ImageDataLoaders.from_df(pd.read_csv(fn), path, **kwargs)
+        return ImageDataLoaders.from_df(read_table(fn), path, **kwargs)   # text cells, errors name the line
 
     @staticmethod
     def from_folder(path, train='train', valid='valid', valid_pct=None, seed=None, **kwargs) -> DataLoaders:
