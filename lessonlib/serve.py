@@ -13,10 +13,10 @@ import contextlib, hashlib, io, json, logging, os, re, random, sqlite3, threadin
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from .core import atomic_path
 from .data import CategoryBlock, DataError, DataLoaders, Datasets, MultiCategoryBlock, RandomSplitter, df_rows
-from .vision.data import ImageBlock, get_image_files
+from .vision.data import ImageBlock, get_image_files, to_mode
 from .learner import load_learner
 from .callbacks import ProgressCallback
 
@@ -44,7 +44,7 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
             raise BadImage(f'the image is {w}x{h} pixels; the limit is {max_pixels:,} pixels: send a smaller image', 413)
         if im.format == 'JPEG': im.draft('RGB', (DRAFT_PX, DRAFT_PX))   # a big photo decoded at 1/2, 1/4...: faster
         im.load()
-    return ImageOps.exif_transpose(im)   # phone photos: turned the way the camera was held
+    return im
 
 def read_image(data: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> Image.Image:
     "Uploaded bytes `data` as an upright RGB image, or a `BadImage` saying why not (empty, too large, not an image...)."
@@ -60,7 +60,7 @@ def read_image(data: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PI
         raise BadImage(f'the upload is not an image in a supported format ({kinds})', 415) from None
     except Exception:   # any decoder error: truncated or damaged data
         raise BadImage('the image is damaged or truncated and cannot be decoded: send the whole file again') from None
-    return im.convert('RGB')
+    return to_mode(im, 'RGB')   # the rule of training: upright (EXIF), transparency on white, 16-bit scaled
 
 # %% ../nbs/20_serve.ipynb #35e8acf9
 def model_version(fname) -> str:
