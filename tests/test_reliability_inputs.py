@@ -438,7 +438,7 @@ def cli(capsys, *argv):
     (['data', 'get', 'nosuch'], 1, "No data set called 'nosuch'"),
     (['data', 'synth', 'nope'], 2, "invalid choice: 'nope'"),
     (['serve', '/no/such/model.pkl'], 1, 'no exported learner at /no/such/model.pkl'),
-    (['finetune', '/no/such/model.pkl', '--feedback', '/no/such.db'], 1, 'no exported learner'),
+    (['finetune', '/no/such/model.pkl', '--feedback', '/no/such.db', '--data', '/no/such/data'], 1, 'no exported learner'),
 ])
 def test_cli_errors_are_one_line(capsys, monkeypatch, tmp_path, argv, rc, msg):
     monkeypatch.setenv('LESSONLIB_DATA', str(tmp_path/'data')); monkeypatch.delenv('LESSONLIB_DEBUG', raising=False)
