@@ -128,7 +128,9 @@ def test_train_classifier_recipes(tmp_path, gradual):
     assert all(p.requires_grad for p in learn.model.parameters())     # left unfrozen
 
 
-@pytest.mark.skipif(not (data_dir()/'imdb_sample'/'texts.csv').exists(), reason='imdb_sample not in the data folder (LESSONLIB_DATA)')
+@pytest.mark.skipif(not (data_dir()/'imdb_sample'/'texts.csv').exists(),
+                    reason=f'imdb_sample is not in the data directory {data_dir()}: `lessonlib data get imdb_sample` downloads it, '
+                           'or set LESSONLIB_DATA to a folder that has it')
 def test_lesson_notebook_runs_on_imdb_sample(tmp_path):
     "The lesson top to bottom on the real sample (CI runs it on the built-in set too, with nbdev_test), short epochs."
     nb = Path(__file__).parent.parent/'nbs'/'lessons'/'04_imdb.ipynb'
