@@ -290,7 +290,8 @@ def make_planet(dest=None, n=1200, size=128, seed=42, force=False, quality=90, n
     "Paint (or reuse) `n` training and `n_test` (default n/10) test Planet-like `size`-px tiles in `dest`."
     dest = Path(dest) if dest is not None else data_dir()/'planet_synth'
     n_test = int(n) // 10 if n_test is None else int(n_test)
-    params = dict(version=SYNTH_VERSION, n=int(n), size=int(size), seed=int(seed), quality=int(quality), n_test=n_test)
+    params = dict(version=SYNTH_VERSION, n=int(n), size=int(size), seed=int(seed), quality=int(quality))
+    if n_test: params['n_test'] = n_test    # without test tiles, the marker of sets made before there were any
     write = functools.partial(_write_planet, n=n, size=size, seed=seed, quality=quality, n_test=n_test)
     return make_synth(dest, params, write, force=force, maker='make_planet')
 
