@@ -27,8 +27,8 @@ from ..registry import register_lesson, save_fig, write_run
 
 # %% auto #0
 __all__ = ['PLANET_LAYOUTS', 'TEST_FOLDERS', 'planet_source', 'planet_dls', 'planet_metrics', 'planet_learner', 'unfrozen_lrs',
-           'train_stages', 'best_threshold', 'baseline_f2', 'planet_test_files', 'planet_submission', 'run_planet',
-           'planet_report', 'planet_summary']
+           'train_frozen', 'train_unfrozen', 'train_stages', 'best_threshold', 'baseline_f2', 'planet_test_files',
+           'planet_submission', 'run_planet', 'planet_report', 'planet_summary']
 
 # %% ../../nbs/lessons/01_planet.ipynb #64016f79
 PLANET_LAYOUTS = (('train_v2.csv', 'train-jpg'), ('labels.csv', 'train'))
@@ -77,29 +77,27 @@ def _stage_rows(learn, stage: str) -> list:
     learn.recorder.name_fit(stage)
     return [dict(r, stage=stage) for r in learn.recorder.values]
 
-def _look(learn, title: str):
-    "lr_find with a titled plot, shown at once in a notebook (not after the training tables that follow)."
-    learn.lr_find()
-    plt.title(title)
-    if 'inline' in matplotlib.get_backend(): plt.show()
-
-def train_stages(learn, epochs: int, lr: float, name: str, look: bool = True, save: bool = False) -> list:
-    "Stage 1: body frozen, one cycle at `slice(lr)`; stage 2: unfreeze, (`look`: lr_find), `unfrozen_lrs(lr)`; `save` each."
-    history = []
+def train_frozen(learn, epochs: int, lr: float, name: str, save: bool = False) -> list:
+    "Stage 1 (announced): body frozen, one cycle at `slice(lr)`; `save` a checkpoint; the epoch rows."
     learn.freeze()
     print(f'stage 1 ({name} px): body frozen, {epochs} epoch(s) of one cycle at lr {lr:.2e}', flush=True)
     learn.fit_one_cycle(epochs, slice(lr))
-    history += _stage_rows(learn, f'{name} px frozen')
     if save: learn.save(f'stage-1-{name}')
+    return _stage_rows(learn, f'{name} px frozen')
+
+def train_unfrozen(learn, epochs: int, lr: float, name: str, save: bool = False) -> list:
+    "Stage 2 (announced): unfrozen, one cycle at `unfrozen_lrs(lr)` (`lr`: stage 1's rate); `save`; the epoch rows."
     learn.unfreeze()
     lrs = unfrozen_lrs(lr)
-    if look: _look(learn, f'lr_find at {name} px, unfrozen (stage 2 uses {lrs.start:.0e} to {lrs.stop:.1e})')
     print(f'stage 2 ({name} px): unfrozen, {epochs} epoch(s) at lr {lrs.start:.2e} (first layers) '
           f'to {lrs.stop:.2e} (head)', flush=True)
     learn.fit_one_cycle(epochs, lrs)
-    history += _stage_rows(learn, f'{name} px unfrozen')
     if save: learn.save(f'stage-2-{name}')
-    return history
+    return _stage_rows(learn, f'{name} px unfrozen')
+
+def train_stages(learn, epochs: int, lr: float, name: str, save: bool = False) -> list:
+    "Both stages at one size: `train_frozen`, then `train_unfrozen`; the epoch rows of both."
+    return train_frozen(learn, epochs, lr, name, save) + train_unfrozen(learn, epochs, lr, name, save)
 
 # %% ../../nbs/lessons/01_planet.ipynb #38cbb9d8
 def best_threshold(probs, targs, threshs=None) -> tuple[float, float, np.ndarray, np.ndarray]:
@@ -165,12 +163,12 @@ def run_planet(data: str = 'synth', size: int = 32, epochs: int = 2, arch: str =
     dls = planet_dls(path, csv, folder, size=size, bs=bs, seed=seed)
     learn = planet_learner(dls, arch, pretrained=pretrained, path=out)
     lr = _find_lr(learn, size, out/'lr_find.png')
-    history = train_stages(learn, epochs, lr, str(size), look=False, save=checkpoints)   # no one looks mid-command
+    history = train_stages(learn, epochs, lr, str(size), save=checkpoints)
     sizes, lr_big = [size], None
     if progressive:
         learn.dls = dls.new(size=2 * size); sizes.append(2 * size)
         lr_big = _find_lr(learn, 2 * size, out/'lr_find_big.png')
-        history += train_stages(learn, epochs, lr_big, str(2 * size), look=False, save=checkpoints)
+        history += train_stages(learn, epochs, lr_big, str(2 * size), save=checkpoints)
     probs, targs = learn.get_preds()    # one validation pass serves the threshold and the baseline
     thresh, f2, threshs, scores = best_threshold(probs, targs)
     learn.loss_func.thresh = thresh
