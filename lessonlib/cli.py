@@ -28,7 +28,8 @@ def _deploy_parsers(sub):
     f = sub.add_parser('finetune', help='fine-tune an exported model on the corrections of a feedback log')
     f.add_argument('model', help='the exported model that was served')
     f.add_argument('--feedback', required=True, help='the SQLite file of corrections (lessonlib serve --feedback)')
-    f.add_argument('--data', default=None, help='the original data: a CSV, a folder with one CSV, or an image folder')
+    f.add_argument('--data', required=True, help='the original data (a CSV, a folder with one CSV, or an image folder): '
+                   'the model is judged on its validation set before and after')
     for k, t in (('epochs', positive_int), ('lr', float), ('replay', int), ('seed', int)):
         f.add_argument(f'--{k}', type=t, default=None, help=f'{k} (default: that of lessonlib.serve.finetune)')
 
@@ -89,6 +90,13 @@ def _data(args):
     else: return None
     return 0
 
+def _message(e: Exception) -> str:
+    "Error `e` in one line; a bare OS error ('[Errno 17] File exists: ...') gets its path and what to check."
+    if isinstance(e, OSError) and e.filename and str(e).startswith('[Errno'):
+        return (f'{e.strerror}: {e.filename} ({type(e).__name__}); check that path: a file where a folder is needed, '
+                'a read-only or missing folder? Pick another path (e.g. --out)')
+    return ' '.join(str(e).split()) or type(e).__name__
+
 def main(argv=None) -> int:
     "Entry point of the `lessonlib` console script."
     p = build_parser()
@@ -99,7 +107,7 @@ def main(argv=None) -> int:
         return 130
     except Exception as e:
         if os.environ.get('LESSONLIB_DEBUG'): raise
-        msg = ' '.join(str(e).split()) or type(e).__name__
+        msg = _message(e)
         print(f'lessonlib: error: {msg} (LESSONLIB_DEBUG=1 shows the traceback)', file=sys.stderr)
         return 1
     if res is None:

@@ -4,15 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #f0ad35d1
 from __future__ import annotations
-import os, random, tempfile, contextlib
+import os, random, sys, tempfile, time, contextlib
+try: import fcntl
+except ImportError: fcntl = None   # Windows: no folder locks
 from pathlib import Path
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DATA_ENV', 'data_dir', 'default_device', 'to_device', 'set_seed', 'atomic_path', 'save_atomic', 'in_notebook',
-           'in_colab', 'listify']
+__all__ = ['DATA_ENV', 'LOCK_WAIT', 'data_dir', 'DataFolderError', 'check_data_folder', 'lock_folder', 'unlock_folder',
+           'default_device', 'to_device', 'set_seed', 'atomic_path', 'save_atomic', 'in_notebook', 'in_colab',
+           'listify']
 
 # %% ../nbs/00_core.ipynb #8592a4f0
 DATA_ENV = 'LESSONLIB_DATA'
@@ -21,6 +24,53 @@ def data_dir() -> Path:
     "The folder that holds the data sets: `$LESSONLIB_DATA`, else `~/.lessonlib/data`."
     env = os.environ.get(DATA_ENV)
     return Path(env).expanduser() if env else Path.home()/'.lessonlib'/'data'
+
+# %% ../nbs/00_core.ipynb #8edc56a4
+class DataFolderError(OSError):
+    "The data folder is missing and cannot be made, is a file, or is read-only; the message says what to do."
+
+def check_data_folder(path=None) -> Path:
+    "Data folder `path` (default `data_dir()`), made if missing; a `DataFolderError` if it is a file or read-only."
+    path = Path(path).expanduser() if path is not None else data_dir()
+    fix = f'set {DATA_ENV} (or pass dest=) to a folder you can write to'
+    if path.exists() and not path.is_dir(): raise DataFolderError(f'The data folder {path} is a file, not a folder: {fix}')
+    try: path.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise DataFolderError(f'Cannot create the data folder {path} ({e.strerror}): {fix}') from None
+    if not os.access(path, os.W_OK | os.X_OK): raise DataFolderError(f'The data folder {path} is read-only: {fix}')
+    return path
+
+# %% ../nbs/00_core.ipynb #b8d7a923
+LOCK_WAIT = float(os.environ.get('LESSONLIB_LOCK_WAIT', 600))   # the longest wait for another process's lock (s)
+_HELD = {}    # lock file -> the open file this process locks it through (kept open: the lock lasts)
+
+def _lock_file(folder: Path):
+    "The open lock file of `folder` (`.NAME.lock` beside it), the same one for the whole process."
+    p = folder.parent/f'.{folder.name}.lock'
+    if p not in _HELD: _HELD[p] = open(p, 'a+')
+    return _HELD[p]
+
+def lock_folder(folder, exclusive: bool = True, wait: float | None = None) -> bool:
+    "Lock `folder` for this process: `exclusive` to make it, shared to use it; waits up to `wait` s (saying why)."
+    folder, wait = Path(folder), LOCK_WAIT if wait is None else wait
+    if fcntl is None: return False
+    try: f = _lock_file(folder)
+    except OSError: return False                  # a read-only parent: nobody can make it there either
+    op, t0, said = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB, time.monotonic(), False
+    why = 'in use or being made' if exclusive else 'being made'
+    while True:
+        try: fcntl.flock(f, op); return True
+        except BlockingIOError: pass
+        if time.monotonic() - t0 >= wait:
+            raise TimeoutError(f'{folder} is {why} by another process (lock {f.name}); waited {wait:.0f} s: '
+                               'let it finish, or pass another dest= (LESSONLIB_LOCK_WAIT sets the wait)')
+        if not said: print(f'waiting: {folder} is {why} by another process (lock {f.name})', file=sys.stderr)
+        said = True
+        time.sleep(0.05)
+
+def unlock_folder(folder):
+    "Release this process's lock on `folder` (if any)."
+    f = _HELD.pop(Path(folder).parent/f'.{Path(folder).name}.lock', None)
+    if f is not None: f.close()
 
 # %% ../nbs/00_core.ipynb #28b19054
 def default_device() -> torch.device:

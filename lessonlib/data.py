@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #1168b974
 from __future__ import annotations
-import copy, math, os, pickle, re, warnings
+import copy, csv, io, math, os, pickle, re, warnings
 from pathlib import Path
 
 import torch
@@ -14,19 +14,24 @@ from .core import default_device, to_device, listify
 from .losses import CrossEntropyLossFlat, BCEWithLogitsLossFlat, MSELossFlat
 
 # %% auto #0
-__all__ = ['IMAGE', 'MASK', 'POINTS', 'TEXT', 'SPATIAL', 'DataError', 'describe', 'Row', 'is_dataframe', 'df_rows', 'get_files',
-           'RandomSplitter', 'item_name', 'FileSplitter', 'FuncSplitter', 'GrandparentSplitter', 'ColSplitter',
-           'is_missing', 'ColReader', 'parent_label', 'RegexLabeller', 'Transform', 'sort_tfms', 'compose_tfms',
-           'Block', 'CategoryBlock', 'MultiCategoryBlock', 'RegressionBlock', 'Datasets', 'SplitDataset', 'TfmdDL',
-           'DataLoaders', 'loader_type', 'DataBlock']
+__all__ = ['IMAGE', 'MASK', 'POINTS', 'TEXT', 'SPATIAL', 'DataError', 'BadItemError', 'describe', 'Row', 'is_dataframe',
+           'df_rows', 'read_table', 'get_files', 'RandomSplitter', 'item_name', 'FileSplitter', 'FuncSplitter',
+           'GrandparentSplitter', 'ColSplitter', 'is_missing', 'ColReader', 'parent_label', 'RegexLabeller',
+           'Transform', 'sort_tfms', 'compose_tfms', 'Block', 'CategoryBlock', 'MultiCategoryBlock', 'RegressionBlock',
+           'Datasets', 'Skipped', 'SplitDataset', 'TfmdDL', 'DataLoaders', 'loader_type', 'DataBlock']
 
 # %% ../nbs/01_data.ipynb #f7e66b87
 class DataError(Exception):
     "A data problem, with a message that names the step, the item and what to do."
 
+class BadItemError(DataError):
+    "One item cannot be read (a missing, empty, truncated or non-image file): `DataBlock(on_bad_item='skip')` skips it."
+
+
 # %% ../nbs/01_data.ipynb #08461657
 def describe(o, n=80) -> str:
     "A short human description of an item or value: a row, a path, a tensor's shape (see also `Block.describe`)."
+    if isinstance(o, Row) and o.src: return f'line {o.name} of {o.src} (counting the header)'
     if isinstance(o, Row): return f'row {o.pos} (index {o.name!r}) of the label table'
     if isinstance(o, torch.Tensor): return f'Tensor{list(o.shape)} {str(o.dtype).replace("torch.", "")}'
     s = str(o) if isinstance(o, Path) else repr(o)
@@ -35,13 +40,13 @@ def describe(o, n=80) -> str:
 # %% ../nbs/01_data.ipynb #2910a26f
 class Row:
     "One row of a DataFrame: `r[0]` by position, `r['tags']` by column; `pos` is its row number, `name` its index label."
-    __slots__ = ('values', 'cols', 'name', 'pos')
-    def __init__(self, values, cols, name=None, pos=None):
-        self.values, self.cols, self.name, self.pos = tuple(values), cols, name, pos
+    __slots__ = ('values', 'cols', 'name', 'pos', 'src')
+    def __init__(self, values, cols, name=None, pos=None, src=None):
+        self.values, self.cols, self.name, self.pos, self.src = tuple(values), cols, name, pos, src
 
     def __getitem__(self, k):
         if isinstance(k, str):
-            if k not in self.cols: raise KeyError(f'no column {k!r} in this table; its columns are {list(self.cols)}')
+            if k not in self.cols: raise KeyError(f'no column {k!r} in {self.src or "this table"}; its columns are {list(self.cols)}')
             k = self.cols[k]
         return self.values[k]
 
@@ -53,9 +58,83 @@ def is_dataframe(o) -> bool:
     return hasattr(o, 'itertuples') and hasattr(o, 'columns')
 
 def df_rows(df) -> list:
-    "The rows of DataFrame `df` as a list of `Row`s."
+    "The rows of DataFrame `df` as a list of `Row`s (from `read_table`: each knows its file and line)."
     cols = {str(c): i for i, c in enumerate(df.columns)}
-    return [Row(t[1:], cols, t[0], i) for i, t in enumerate(df.itertuples(index=True, name=None))]
+    src = df.attrs.get('source') if df.index.name == 'line' else None
+    return [Row(t[1:], cols, t[0], i, src) for i, t in enumerate(df.itertuples(index=True, name=None))]
+
+# %% ../nbs/01_data.ipynb #51036d8a
+def _sniff_sep(first: str) -> str:
+    "The separator of a table whose first line is `first`: tab or semicolon when there is no comma, else comma."
+    for s in ('\t', ';'):
+        if s in first and ',' not in first: return s
+    return ','
+
+def _decode_table(fn, data: bytes, encoding: str) -> str:
+    "The text of table file `fn`, or a `DataError` naming the line with the first undecodable byte."
+    enc = 'utf-8-sig' if encoding.lower().replace('_', '-') in ('utf-8', 'utf8') else encoding
+    try: return data.decode(enc)
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b'\n') + 1
+        raise DataError(f'{fn}, line {line}: byte 0x{data[e.start]:02x} is not {encoding} (a latin-1 / Windows file?): '
+                        "re-save the file as UTF-8, or pass encoding='latin-1'") from None
+
+def _table_rows(fn, text: str, sep: str) -> list:
+    "(line, cells) for each non-blank row of `text`, cells stripped; a `DataError` naming the line if it cannot parse."
+    reader = csv.reader(io.StringIO(text, newline=''), delimiter=sep, skipinitialspace=True, strict=True)
+    rows, line = [], 1
+    try:
+        for cells in reader:
+            if any(c.strip() for c in cells): rows.append((line, [c.strip() for c in cells]))
+            line = reader.line_num + 1
+    except csv.Error as e: raise DataError(f'{fn}, line {reader.line_num}: {e}; check the quotes on that line') from None
+    return rows
+
+def _header(fn, rows, cols, sep):
+    "The column names and the data rows: the first row is the header unless `cols` are given and it holds none of them."
+    first = rows[0][1]
+    if not cols: return first, rows[1:]
+    missing = [c for c in cols if c not in first]
+    if not missing: return first, rows[1:]
+    if len(missing) == len(cols) and len(first) == len(cols):
+        warnings.warn(f'{fn} has no header line (line 1 is {first}); reading its columns as {list(cols)}')
+        return list(cols), rows
+    hint = f' (it has {len(first)} column; is it separated by something else than {sep!r}?)' if len(first) == 1 else ''
+    raise DataError(f'{fn}, line 1 (the header): no column {missing} among {first}{hint}; '
+                    'fix the header or pass the right cols=')
+
+def _check_widths(fn, names, rows):
+    "A row with more cells than the header is an error naming its line; shorter rows get empty cells."
+    for line, cells in rows:
+        if len(cells) > len(names):
+            raise DataError(f'{fn}, line {line}: {len(cells)} cells for the {len(names)} columns {names}; '
+                            'quote cells that hold the separator, or fix the line')
+    return [(line, cells + [''] * (len(names) - len(cells))) for line, cells in rows]
+
+def _drop_duplicates(fn, rows):
+    "Rows without their exact repeats (a warning names the lines); rows that repeat a name with other labels are kept."
+    seen, keep, dups = {}, [], []
+    for line, cells in rows:
+        key = tuple(cells)
+        if key in seen: dups.append((line, seen[key]))
+        else: seen[key] = line; keep.append((line, cells))
+    if dups: warnings.warn(f'{fn}: {len(dups)} duplicated rows dropped (line {dups[0][0]} repeats line {dups[0][1]}...)')
+    return keep
+
+def read_table(fn, cols=None, sep=None, encoding='utf-8', dedup=True):
+    "Label file `fn` (CSV, TSV) as a DataFrame of text cells indexed by line number; errors name the file and line."
+    import pandas as pd
+    fn = Path(fn)
+    if not fn.is_file(): raise DataError(f'read_table: no label file {fn}' + (' (it is a folder)' if fn.is_dir() else ''))
+    text = _decode_table(fn, fn.read_bytes(), encoding)
+    if not text.strip(): raise DataError(f'{fn} is empty: a label file needs a header line and one row per item')
+    sep = sep or _sniff_sep(text.lstrip().splitlines()[0])
+    names, rows = _header(fn, _table_rows(fn, text, sep), listify(cols), sep)
+    rows = _check_widths(fn, names, rows)
+    if dedup: rows = _drop_duplicates(fn, rows)
+    df = pd.DataFrame([c for _, c in rows], columns=names, index=pd.Index([l for l, _ in rows], name='line'), dtype=object)
+    df.attrs['source'] = str(fn)
+    return df
 
 # %% ../nbs/01_data.ipynb #585e6547
 def get_files(path, extensions=None, recurse=True, folders=None) -> list:
@@ -118,10 +197,18 @@ class GrandparentSplitter:
         return [i for i, g in enumerate(gp) if g == self.train_name], [i for i, g in enumerate(gp) if g == self.valid_name]
     def __repr__(self): return f'GrandparentSplitter({self.train_name!r}, {self.valid_name!r})'
 
+def _truthy(v) -> bool:
+    "A table cell as a flag: text like 'True', '1', 'yes' is true, 'False', '0', 'no', '' false; else `bool(v)`."
+    if not isinstance(v, str): return bool(v)
+    s = v.strip().lower()
+    if s in ('true', 't', '1', 'yes', 'y', '1.0'): return True
+    if s in ('false', 'f', '0', 'no', 'n', '', '0.0'): return False
+    raise DataError(f'ColSplitter: {v!r} is not a yes/no value; use True/False or 1/0 in the split column')
+
 class ColSplitter:
-    "Validation rows are those whose column `col` is true (e.g. an `is_valid` column)."
+    "Validation rows are those whose column `col` is true (e.g. an `is_valid` column; text 'True'/'False' read right)."
     def __init__(self, col='is_valid'): self.col = col
-    def __call__(self, items): return FuncSplitter(lambda r: r[self.col])(items)
+    def __call__(self, items): return FuncSplitter(lambda r: _truthy(r[self.col]))(items)
     def __repr__(self): return f'ColSplitter({self.col!r})'
 
 # %% ../nbs/01_data.ipynb #a1f27c13
@@ -131,14 +218,22 @@ def is_missing(v) -> bool:
 
 class ColReader:
     "Read column(s) `cols` of a row; add `pref`/`suff` (a `Path` prefix gives a path) or split labels on `label_delim`."
-    def __init__(self, cols, pref='', suff='', label_delim=None):
-        self.cols, self.pref, self.suff, self.label_delim = listify(cols), pref, suff, label_delim
+    def __init__(self, cols, pref='', suff='', label_delim=None, lower=False):
+        self.cols, self.pref, self.suff, self.label_delim, self.lower = listify(cols), pref, suff, label_delim, lower
+
+    def _labels(self, v) -> list:
+        "The labels in cell `v`: split on `label_delim` (a blank delimiter splits on any run of spaces or tabs), stripped."
+        if is_missing(v): return []
+        d = None if self.label_delim.isspace() else self.label_delim
+        labels = [s.strip() for s in str(v).split(d) if s.strip()]
+        return [s.lower() for s in labels] if self.lower else labels
 
     def _read(self, r, c):
         v = r.iloc[c] if isinstance(c, int) and hasattr(r, 'iloc') else r[c]
         if self.label_delim is not None:
-            return [] if is_missing(v) else [s for s in str(v).split(self.label_delim) if s.strip()]
+            return self._labels(v)
         if isinstance(self.pref, Path): return self.pref/f'{v}{self.suff}'
+        if self.lower and isinstance(v, str): v = v.lower()
         return f'{self.pref}{v}{self.suff}' if (self.pref or self.suff) else v
 
     def __call__(self, r):
@@ -191,6 +286,7 @@ class Block:
     "One element of a sample: read, encode, collate, augment (`kind`), decode, show, loss; base = a plain tensor."
     kind, vocab, needs_setup = None, None, False
     item_tfms, batch_tfms = (), ()
+    reads_files = False               # True: the getter gives a file name; DataBlock checks the files exist first
     exact_size = False                # True: every element of the item is read at its stored size (they line up)
     dl_type, dl_kwargs = None, None   # the loader class this block needs (None: TfmdDL), its extra arguments
     def setup(self, train_values, valid_values=()): pass
@@ -311,9 +407,9 @@ class RegressionBlock(Block):
 # %% ../nbs/01_data.ipynb #bed39e94
 class Datasets:
     "Items, their train/valid split and the per-item pipeline: getters → `Block.read` → item transforms → `Block.encode`."
-    def __init__(self, items, splits, blocks, getters, item_tfms=(), n_inp=1):
+    def __init__(self, items, splits, blocks, getters, item_tfms=(), n_inp=1, on_bad_item='raise'):
         self.items, self.splits, self.blocks = list(items), [list(s) for s in splits], list(blocks)
-        self.getters, self.n_inp = list(getters), n_inp
+        self.getters, self.n_inp, self.on_bad_item = list(getters), n_inp, on_bad_item
         self.item_tfms = sort_tfms(item_tfms)
         self.kinds = tuple(b.kind for b in self.blocks)
         self.train, self.valid = SplitDataset(self, self.splits[0], True), SplitDataset(self, self.splits[1], False)
@@ -351,8 +447,9 @@ class Datasets:
                 step = f'{b!r}.encode'; res.append(b.encode(x))
             return tuple(res)
         except Exception as e:
-            raise DataError(f'Step {step} failed on {describe(item)} ({"train" if train else "valid"} split): '
-                            f'{type(e).__name__}: {e}') from e
+            cls = BadItemError if step.endswith('.read') or isinstance(e, BadItemError) else DataError
+            raise cls(f'Step {step} failed on {describe(item)} ({"train" if train else "valid"} split): '
+                      f'{type(e).__name__}: {e}') from e
 
     def collate(self, samples):
         "Collate a list of sample tuples into a batch tuple, element by element with each block's `collate`."
@@ -362,9 +459,14 @@ class Datasets:
         "A copy with other items/splits/item transforms, sharing the (already set up) blocks and getters."
         items = self.items if items is None else items
         return Datasets(items, self.splits if splits is None else splits, self.blocks, self.getters,
-                        self.item_tfms if item_tfms is None else item_tfms, self.n_inp)
+                        self.item_tfms if item_tfms is None else item_tfms, self.n_inp, self.on_bad_item)
 
     def __repr__(self): return f'Datasets: {len(self.train)} train, {len(self.valid)} valid items; blocks {self.blocks}'
+
+class Skipped(tuple):
+    "What `SplitDataset` gives for an unreadable item under `on_bad_item='skip'`: (item description, error message)."
+    def __new__(cls, item: str, msg: str): return super().__new__(cls, (item, msg))
+    def __getnewargs__(self): return tuple(self)      # picklable: it comes back from loader worker processes
 
 class SplitDataset(torch.utils.data.Dataset):
     "The train or valid part of a `Datasets`: `ds[i]` is the encoded tuple of its i-th item."
@@ -372,7 +474,11 @@ class SplitDataset(torch.utils.data.Dataset):
         self.dsets, self.idxs, self.train, self.n, self.skip_getters = dsets, list(idxs), train, n, skip_getters
     def __len__(self): return len(self.idxs)
     def __getitem__(self, i):
-        return self.dsets.sample(self.dsets.items[self.idxs[i]], self.train, self.n, self.skip_getters)
+        item = self.dsets.items[self.idxs[i]]
+        try: return self.dsets.sample(item, self.train, self.n, self.skip_getters)
+        except BadItemError as e:
+            if self.dsets.on_bad_item != 'skip': raise
+            return Skipped(describe(item), str(e))
     @property
     def items(self): return [self.dsets.items[i] for i in self.idxs]
     @property
@@ -385,6 +491,14 @@ class SplitDataset(torch.utils.data.Dataset):
     def __repr__(self): return f'{"train" if self.train else "valid"} split: {len(self)} items'
 
 # %% ../nbs/01_data.ipynb #5e2077e3
+def _skip_summary(skipped, ds):
+    "Warn how many items of an epoch of `ds` were skipped; an error when all were."
+    split = 'training' if getattr(ds, 'train', False) else 'validation'
+    msg = (f'{len(skipped)} of {len(ds)} {split} items skipped this epoch (on_bad_item=\'skip\'): '
+           + ', '.join(item for item, _ in skipped[:5]) + (' ...' if len(skipped) > 5 else ''))
+    if len(skipped) >= len(ds): raise DataError(f'{msg}; every item failed, e.g. {skipped[0][1]}')
+    warnings.warn(msg)
+
 class TfmdDL:
     "Batches of a `SplitDataset`: a torch `DataLoader` with block collation, then `batch_tfms` on `device`."
     def __init__(self, dataset, bs=64, shuffle=False, drop_last=False, batch_tfms=(), device=None, num_workers=0, pin_memory=False):
@@ -395,10 +509,20 @@ class TfmdDL:
         n = len(self.dataset)
         return n // self.bs if self.drop_last else math.ceil(n / self.bs)
 
+    def _collate(self, samples):
+        "The batch of the readable samples, and the `Skipped` ones (items skipped under `on_bad_item='skip'`)."
+        good = [s for s in samples if not isinstance(s, Skipped)]
+        return (self.dataset.collate(good) if good else None), [s for s in samples if isinstance(s, Skipped)]
+
     def __iter__(self):
         dl = DataLoader(self.dataset, batch_size=self.bs, shuffle=self.shuffle, drop_last=self.drop_last,
-                        collate_fn=self.dataset.collate, num_workers=self.num_workers, pin_memory=self.pin_memory)
-        for b in dl: yield self.after_batch(b)
+                        collate_fn=self._collate, num_workers=self.num_workers, pin_memory=self.pin_memory)
+        skipped = []
+        for b, bad in dl:
+            for item, msg in bad: warnings.warn(f'skipped a bad item: {msg}')
+            skipped += bad
+            if b is not None: yield self.after_batch(b)
+        if skipped: _skip_summary(skipped, self.dataset)
 
     def after_batch(self, b):
         "Move batch `b` to the device and apply the batch transforms (augmentation only on the training split)."
@@ -536,6 +660,55 @@ def _with_size(tfm, size):
     t = copy.copy(tfm); t.size = _hw(size)
     return t
 
+def _key(item, getter):
+    "What identifies an item's input (its file name, for a table row), or None when that is not a name."
+    k = item if getter is None else getter(item)
+    return str(k) if isinstance(k, (str, Path)) else None
+
+def _same_side(items, trn, val, getter):
+    "The split with every item that shares its input file with a training item (a duplicated row) moved to training."
+    try: keys = [_key(o, getter) for o in items]
+    except Exception: return trn, val                   # a getter that fails is reported later, with its step
+    in_trn = {keys[i] for i in trn if keys[i] is not None}
+    moved = [i for i in val if keys[i] in in_trn]
+    if not moved: return trn, val
+    warnings.warn(f'DataBlock: {len(moved)} validation items share their input with training items (duplicated rows, '
+                  f'e.g. {describe(items[moved[0]])}: {keys[moved[0]]}); they are moved to the training set')
+    ms = set(moved)
+    return trn + moved, [i for i in val if i not in ms]
+
+def _check_files(items, splits, blocks, getters, on_bad_item):
+    "The splits, checked before any work: items whose file (for blocks that `reads_files`) is missing raise or are dropped."
+    gs = [g for b, g in zip(blocks, getters) if getattr(b, 'reads_files', False)]
+    missing = []
+    for i in sorted({i for s in splits for i in s}):
+        for g in gs:
+            try: f = items[i] if g is None else g(items[i])
+            except Exception: break                       # reported later, with its step
+            if isinstance(f, (str, Path)) and not os.path.exists(f): missing.append((i, f)); break
+    if not missing: return splits
+    eg = '; '.join(f'{describe(items[i])}: {f}' for i, f in missing[:3])
+    msg = f'{len(missing)} of {len(items)} items have no file (e.g. {eg})'
+    if on_bad_item != 'skip':
+        raise BadItemError(f'DataBlock: {msg}; fix the folder or pref/suff of the getter, remove those rows, '
+                           "or pass on_bad_item='skip' to leave them out")
+    warnings.warn(f'DataBlock: {msg}; they are left out (on_bad_item=\'skip\')')
+    gone = {i for i, _ in missing}
+    return [[i for i in s if i not in gone] for s in splits]
+
+def _check_case(block, vals, items):
+    "A `DataError` when training labels differ only in case (`Clear` and `clear`), naming an item that has the rarer one."
+    if block.vocab is not None or not isinstance(block, (CategoryBlock, MultiCategoryBlock)): return
+    flat = [(l, k) for k, v in enumerate(vals) for l in ([v] if isinstance(v, str) else v if isinstance(v, list) else [])]
+    spell = {}
+    for l, k in flat:
+        if isinstance(l, str): spell.setdefault(l.lower(), {}).setdefault(l, []).append(k)
+    for forms in spell.values():
+        if len(forms) < 2: continue
+        rare = min(forms, key=lambda f: len(forms[f]))
+        raise DataError(f'{block!r}: labels {sorted(forms)} differ only in case (e.g. {rare!r} in '
+                        f'{describe(items[forms[rare][0]])}); fix the file, or pass lower=True to the ColReader')
+
 def loader_type(blocks, dl_type=None):
     "The loader class and its extra arguments: `dl_type` if given, else the first block's that asks, else TfmdDL."
     if dl_type is not None: return dl_type, {}
@@ -545,7 +718,10 @@ def loader_type(blocks, dl_type=None):
 class DataBlock:
     "The recipe from a source to `DataLoaders`: blocks, items, split, getters, item and batch transforms."
     def __init__(self, blocks=(Block, CategoryBlock), get_items=None, splitter=None, get_x=None, get_y=None,
-                 getters=None, item_tfms=None, batch_tfms=None, n_inp=None):
+                 getters=None, item_tfms=None, batch_tfms=None, n_inp=None, on_bad_item='raise'):
+        if on_bad_item not in ('raise', 'skip'):
+            raise ValueError(f"DataBlock: on_bad_item must be 'raise' or 'skip', not {on_bad_item!r}")
+        self.on_bad_item = on_bad_item
         self.blocks = [b() if isinstance(b, type) else b for b in blocks]
         self.n_inp = n_inp or max(1, len(self.blocks) - 1)
         self.get_items, self.splitter = get_items, splitter or RandomSplitter()
@@ -574,7 +750,8 @@ class DataBlock:
         trn, val = self.splitter(items)
         trn, val = [int(i) for i in trn], [int(i) for i in val]
         if not trn: raise DataError(f'DataBlock: the splitter {self.splitter!r} put no item in the training set ({len(items)} items)')
-        return trn, val
+        if not getattr(self.blocks[0], 'reads_files', False): return trn, val
+        return _same_side(items, trn, val, self.getters[0])
 
     def datasets(self, source, verbose=False) -> Datasets:
         "Collect, split and set up the blocks (vocabularies from the training split) for `source`."
@@ -583,9 +760,13 @@ class DataBlock:
 
     def _datasets(self, items, splits, verbose=False):
         blocks = copy.deepcopy(self.blocks)
+        splits = _check_files(items, splits, blocks, self.getters, self.on_bad_item)
         for i, (b, g) in enumerate(zip(blocks, self.getters)):
-            if b.needs_setup: b.setup(*[self._values(b, g, items, s) for s in splits])
-        dsets = Datasets(items, splits, blocks, self.getters, self.item_tfms, self.n_inp)
+            if not b.needs_setup: continue
+            vals = [self._values(b, g, items, s) for s in splits]
+            _check_case(b, vals[0], [items[j] for j in splits[0]])
+            b.setup(*vals)
+        dsets = Datasets(items, splits, blocks, self.getters, self.item_tfms, self.n_inp, self.on_bad_item)
         if verbose: print(dsets)
         return dsets
 
@@ -620,6 +801,8 @@ class DataBlock:
             items = self.collect(source); say(f'collect items: {len(items)} items, e.g. {describe(items[0])}')
             step = f'split ({self.splitter!r})'
             trn, val = self.split(items); say(f'{step}: {len(trn)} train, {len(val)} valid')
+            step = 'check that the files exist'
+            trn, val = _check_files(items, (trn, val), self.blocks, self.getters, self.on_bad_item)
             step = 'setup blocks'
             dsets = self._datasets(items, (trn, val))
             for b in dsets.blocks:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .core import DATA_ENV, data_dir, in_notebook
+from .core import DATA_ENV, DataFolderError, check_data_folder, data_dir, in_notebook, lock_folder, unlock_folder
 
 # %% auto #0
 __all__ = ['CHECKS', 'ARCHIVE_EXTS', 'USER_AGENT', 'MAX_EXTRACT_SIZE', 'DownloadError', 'ArchiveError', 'UnsafeArchiveError',
@@ -393,11 +393,8 @@ def _replace_folder(src: Path, folder: Path):
 
 def _writable(folder: Path):
     "Make sure we can write in `folder`, or explain what to do."
-    try: folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e: raise DownloadError(f'Cannot create the data folder {folder} ({e.strerror}): '
-                                             f'set {DATA_ENV} to a folder you can write to.') from None
-    if not os.access(folder, os.W_OK):
-        raise DownloadError(f'The data folder {folder} is read-only: set {DATA_ENV} to a folder you can write to.')
+    try: check_data_folder(folder)
+    except DataFolderError as e: raise DownloadError(str(e)) from None
 
 # %% ../nbs/14_download.ipynb #4c1685ad
 def untar_data(url: str, dest=None, force: bool = False, sha256=None, max_size: int = MAX_EXTRACT_SIZE,
@@ -408,6 +405,16 @@ def untar_data(url: str, dest=None, force: bool = False, sha256=None, max_size: 
     folder = dest/archive_stem(name)
     if folder.exists() and not force: return folder
     _writable(dest)
+    lock_folder(folder)              # one process downloads and unpacks; another waits, then finds the folder
+    try:
+        if folder.exists() and not force: return folder
+        return _fetch_and_unpack(url, name, dest, folder, sha256, max_size, retries, progress)
+    finally: unlock_folder(folder)
+
+def _fetch_and_unpack(url, name, dest, folder, sha256, max_size, retries, progress) -> Path:
+    "Download the archive `name` from `url` into `dest/.downloads`, unpack it safely, swap it in as `folder`."
+    for p in list(dest.glob(f'.{folder.name}.*.extracting')) + list(dest.glob(f'.{folder.name}.old-*')):
+        shutil.rmtree(p, ignore_errors=True)    # left by a killed process (we hold the lock)
     size, md5_head = CHECKS.get(url, (None, None))
     archive = download_url(url, dest/'.downloads'/name, size=size, sha256=sha256, md5_head=md5_head,
                            retries=retries, progress=progress)

@@ -18,7 +18,7 @@ from .callbacks import (MixedPrecision, ParamScheduler, ProgressCallback, Record
 from .lr_find import LRFinder, LRFinderWidget, plot_lr_find, suggest_lrs
 
 # %% auto #0
-__all__ = ['EXPORT_FORMAT', 'default_loss', 'Learner', 'UnsafeExportError', 'load_learner']
+__all__ = ['EXPORT_FORMAT', 'default_loss', 'check_batches', 'Learner', 'UnsafeExportError', 'load_learner']
 
 # %% ../nbs/12_learner.ipynb #2ea32510
 def default_loss(dls):
@@ -55,6 +55,31 @@ def _write(state, file: Path) -> Path:
                       'there. Is the disk full or the folder read-only? The file that was there, if any, is intact '
                       'and nothing half-written is left. Free some space or write elsewhere (learn.path).') from e
 
+def _n_items(dl):
+    "The number of items of loader `dl` (None when unknown)."
+    try: return len(dl.dataset)
+    except (AttributeError, TypeError): return None
+
+def check_batches(dl, model, what='fit'):
+    "A clear `ValueError` before training when `dl` has no batch, or batches of 1 meet batch norm."
+    bs = getattr(dl, 'bs', getattr(dl, 'batch_size', None))
+    n = _n_items(dl)
+    try: n_batches = len(dl)
+    except TypeError: return
+    if n_batches == 0:
+        raise ValueError(f'{what}: the batch size {bs} is larger than the {n} training items, so there is no full '
+                         f'batch to train on (the last partial batch is dropped); use a batch size of at most {n} (--bs)')
+    bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if bn and bs == 1:
+        raise ValueError(f'{what}: batch size 1 with a model that has batch norm, which needs at least 2 items per '
+                         'batch to compute its statistics; use a batch size of 2 or more (--bs)')
+
+def _raise_clear(e: ValueError):
+    "Raise `e` again, made clear when it is batch norm's complaint about a batch of one item."
+    if 'Expected more than 1 value per channel' not in str(e): raise e
+    raise ValueError(f'a training batch of one item reached a batch-norm layer ({e}); batch norm needs 2 or more: '
+                      'use another batch size, or drop_last=True so the last partial batch is dropped') from e
+
 class Learner(TrainLoop):
     "A `TrainLoop` with history, progress, one-cycle training, freezing, lr_find, mixed precision, saving and predicting."
     def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=adamw, lr: float = 1e-3, wd: float = 0.01,
@@ -67,6 +92,12 @@ class Learner(TrainLoop):
         self.path, self.model_dir, self.moms = Path(path), model_dir, moms
 
     def __repr__(self): return f'Learner({type(self.model).__name__}, cbs={self.cbs})'
+
+    def fit(self, n_epoch: int, lr=None, wd: float | None = None, cbs=None, reset_opt: bool = False):
+        "Train for `n_epoch` epochs (see `TrainLoop.fit`), after checking the batches can train (`check_batches`)."
+        check_batches(self.dls.train, self.model, 'fit')
+        try: super().fit(n_epoch, lr, wd, cbs, reset_opt)
+        except ValueError as e: _raise_clear(e)
 
     def fit_one_cycle(self, n_epoch: int, lr_max=None, div: float = 25., div_final: float = 1e5,
                       pct_start: float = 0.25, wd: float | None = None, moms=None, cbs=None):
@@ -124,7 +155,9 @@ class Learner(TrainLoop):
         if not had_opt: self.create_opt()
         skip = (Recorder, ProgressCallback, TrackerCallback, TerminateOnNaN)   # the sweep is meant to diverge
         keep = [cb for cb in self.cbs if not isinstance(cb, skip)]
+        check_batches(self.dls.train, self.model, 'lr_find')
         try: self._fit(math.ceil(num_it / max(len(self.dls.train), 1)), keep + [finder])
+        except ValueError as e: _raise_clear(e)
         finally:
             if not had_opt: self.opt = None
         self.lr_finder = finder

@@ -4,18 +4,19 @@
 
 # %% auto #0
 __all__ = ['MAX_BYTES', 'MAX_PIXELS', 'IMAGE_FORMATS', 'KEEP_PX', 'DRAFT_PX', 'PAGE', 'BadImage', 'read_image', 'model_version',
-           'check_image_classifier', 'ImageModel', 'tiny_export', 'FeedbackLog', 'check_labels', 'create_app', 'serve',
-           'original_items', 'labelled_pairs', 'feedback_pairs', 'next_version', 'finetune']
+           'check_image_classifier', 'ImageModel', 'tiny_export', 'AlreadyCorrected', 'FeedbackLog', 'check_labels',
+           'create_app', 'serve', 'original_items', 'labelled_pairs', 'feedback_pairs', 'next_version',
+           'export_version', 'finetune']
 
 # %% ../nbs/20_serve.ipynb #aac00969
-import contextlib, hashlib, io, json, logging, re, random, sqlite3, threading, uuid, warnings
+import contextlib, hashlib, io, json, logging, os, re, random, sqlite3, threading, uuid, warnings
 from collections import OrderedDict
 from datetime import datetime, timezone
 from pathlib import Path
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from .core import atomic_path
 from .data import CategoryBlock, DataError, DataLoaders, Datasets, MultiCategoryBlock, RandomSplitter, df_rows
-from .vision.data import ImageBlock, get_image_files
+from .vision.data import ImageBlock, get_image_files, to_mode
 from .learner import load_learner
 from .callbacks import ProgressCallback
 
@@ -43,7 +44,7 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
             raise BadImage(f'the image is {w}x{h} pixels; the limit is {max_pixels:,} pixels: send a smaller image', 413)
         if im.format == 'JPEG': im.draft('RGB', (DRAFT_PX, DRAFT_PX))   # a big photo decoded at 1/2, 1/4...: faster
         im.load()
-    return ImageOps.exif_transpose(im)   # phone photos: turned the way the camera was held
+    return im
 
 def read_image(data: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> Image.Image:
     "Uploaded bytes `data` as an upright RGB image, or a `BadImage` saying why not (empty, too large, not an image...)."
@@ -59,7 +60,7 @@ def read_image(data: bytes, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PI
         raise BadImage(f'the upload is not an image in a supported format ({kinds})', 415) from None
     except Exception:   # any decoder error: truncated or damaged data
         raise BadImage('the image is damaged or truncated and cannot be decoded: send the whole file again') from None
-    return im.convert('RGB')
+    return to_mode(im, 'RGB')   # the rule of training: upright (EXIF), transparency on white, 16-bit scaled
 
 # %% ../nbs/20_serve.ipynb #35e8acf9
 def model_version(fname) -> str:
@@ -104,7 +105,6 @@ class ImageModel:
 # %% ../nbs/20_serve.ipynb #a66ac280
 def tiny_export(dest, epochs: int = 1, size: int = 32, seed: int = 42, multi: bool = False, n: int = 240):
     "Train a small CNN briefly on a built-in set (shapes; Planet tiles with `multi`) and export it to `dest`."
-    import torch.nn as nn
     from lessonlib.core import set_seed
     from lessonlib.lessons.scratch import SimpleCNN, read_image_folder, scratch_dls
     from lessonlib.learner import Learner
@@ -126,7 +126,11 @@ def tiny_export(dest, epochs: int = 1, size: int = 32, seed: int = 42, multi: bo
 # %% ../nbs/20_serve.ipynb #34e080b7
 _SCHEMA = '''CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
     image TEXT NOT NULL, model_version TEXT NOT NULL, prediction TEXT NOT NULL, probabilities TEXT NOT NULL,
-    label TEXT NOT NULL)'''
+    label TEXT NOT NULL, prediction_id TEXT)'''
+_UNIQUE = 'CREATE UNIQUE INDEX IF NOT EXISTS feedback_prediction ON feedback (prediction_id)'
+
+class AlreadyCorrected(ValueError):
+    "A second correction for the same prediction id; its message is safe to show the client."
 
 class FeedbackLog:
     "Corrections in SQLite (WAL mode, a connection per call) with their images in the folder `images`."
@@ -137,6 +141,9 @@ class FeedbackLog:
         with self._connect() as c:
             c.execute('PRAGMA journal_mode=WAL')
             c.execute(_SCHEMA)
+            columns = [r[1] for r in c.execute('PRAGMA table_info(feedback)')]
+            if 'prediction_id' not in columns: c.execute('ALTER TABLE feedback ADD COLUMN prediction_id TEXT')
+            c.execute(_UNIQUE)   # one correction per prediction (rows without an id are not constrained)
 
     @contextlib.contextmanager
     def _connect(self):
@@ -145,15 +152,27 @@ class FeedbackLog:
             with c: yield c
         finally: c.close()
 
-    def add(self, im, model_version: str, prediction: list, probabilities: dict, labels: list) -> int:
-        "Store image `im` under a new name and a row for it; returns the row id."
+    def corrected(self, prediction_id) -> int | None:
+        "The row id of the correction of `prediction_id`, or None if it has none."
+        with self._connect() as c:
+            r = c.execute('SELECT id FROM feedback WHERE prediction_id = ?', (prediction_id,)).fetchone()
+        return None if r is None else r[0]
+
+    def add(self, im, model_version: str, prediction: list, probabilities: dict, labels: list,
+            prediction_id: str | None = None) -> int:
+        "Store image `im` under a new name and a row for it; returns the row id (`AlreadyCorrected` for a second one)."
         name = f'{uuid.uuid4().hex}.png'
         with atomic_path(self.images/name) as tmp: im.save(tmp, format='PNG')
         row = (datetime.now(timezone.utc).isoformat(timespec='seconds'), name, model_version, json.dumps(prediction),
-               json.dumps(probabilities), json.dumps(list(labels)))
-        with self._connect() as c:
-            return c.execute('INSERT INTO feedback (time, image, model_version, prediction, probabilities, label) '
-                             'VALUES (?, ?, ?, ?, ?, ?)', row).lastrowid
+               json.dumps(probabilities), json.dumps(list(labels)), prediction_id)
+        try:
+            with self._connect() as c:
+                return c.execute('INSERT INTO feedback (time, image, model_version, prediction, probabilities, label, '
+                                 'prediction_id) VALUES (?, ?, ?, ?, ?, ?, ?)', row).lastrowid
+        except sqlite3.IntegrityError:
+            (self.images/name).unlink(missing_ok=True)
+            raise AlreadyCorrected(f'this prediction was already corrected (#{self.corrected(prediction_id)}): '
+                                   'one correction per prediction; predict the image again to send another') from None
 
     def rows(self) -> list:
         "Every row as a dictionary (JSON columns decoded), oldest first."
@@ -292,7 +311,8 @@ def _routes(app, model, log, recent, max_bytes, max_pixels, busy):
         try: labels = check_labels(c.labels, model.vocab, model.multi)
         except ValueError as e: return _error(422, str(e))
         im, res = rec
-        row = log.add(im, res['model_version'], res['labels'], res['probabilities'], labels)
+        try: row = log.add(im, res['model_version'], res['labels'], res['probabilities'], labels, c.prediction_id)
+        except AlreadyCorrected as e: return _error(409, str(e))
         return {'stored': True, 'feedback_id': row, 'labels': labels}
 
 # %% ../nbs/20_serve.ipynb #130eae3a
@@ -383,13 +403,36 @@ def next_version(fname) -> Path:
     while (p := fname.with_name(f'{base}.v{n + 1}{fname.suffix}')).exists(): n += 1
     return p
 
+def _claim(tmp, dest):
+    "Give the file `tmp` the name `dest` if no file has it (else `FileExistsError`), never replacing a file."
+    try: os.link(tmp, dest)
+    except FileExistsError: raise
+    except OSError:   # a file system without hard links: reserve the name exclusively, then move the file onto it
+        os.close(os.open(dest, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.replace(tmp, dest)
+
+def export_version(learn, model) -> Path:
+    "Export `learn` as the next free version of `model` (see `next_version`): two runs at once never share a number."
+    tmp = learn.export(f'.{Path(model).name}.{uuid.uuid4().hex}.part')
+    try:
+        while True:
+            dest = next_version(model)
+            try:
+                _claim(tmp, dest)
+                return dest
+            except FileExistsError: continue   # another run took that number meanwhile: the next one
+    finally: tmp.unlink(missing_ok=True)
+
 # %% ../nbs/20_serve.ipynb #d0237438
 def _rounded(d: dict) -> dict: return {k: round(float(v), 4) for k, v in d.items()}
 
-def finetune(model, feedback, data=None, epochs: int = 2, lr: float = 1e-3, replay: int = 4, bs: int = 16,
+def finetune(model, feedback, data, epochs: int = 2, lr: float = 1e-3, replay: int = 4, bs: int = 16,
              seed: int = 42) -> dict:
-    "Fine-tune `model` on the corrections in `feedback` (+ replayed original data); write a new version if not worse."
+    "Fine-tune `model` on the corrections in `feedback` (+ replayed `data`); write a new version if not worse on `data`."
     from lessonlib.core import set_seed
+    if data is None:
+        raise ValueError('finetune needs the original data (--data: a CSV, a folder with one CSV, or an image folder) '
+                         'to judge the model on its validation set before and after')
     model = Path(model)
     learn = load_learner(model)
     multi = check_image_classifier(learn, model)
@@ -397,20 +440,17 @@ def finetune(model, feedback, data=None, epochs: int = 2, lr: float = 1e-3, repl
     fb = feedback_pairs(FeedbackLog(feedback), [str(v) for v in learn.dls.vocab], multi)
     if not fb: raise ValueError(f'{feedback} holds no usable corrections: nothing to fine-tune on')
     set_seed(seed)
-    if data is None:
-        warnings.warn('no --data: evaluating on the corrections themselves, so forgetting is not measured')
-        replayed, valid = [], fb
-    else:
-        items, trn, val = original_items(data, seed=seed)
-        pick = random.Random(seed).sample(trn, min(len(trn), replay * len(fb)))
-        replayed, valid = labelled_pairs(learn.dls.dsets, [items[i] for i in pick]), labelled_pairs(learn.dls.dsets, [items[i] for i in val])
+    items, trn, val = original_items(data, seed=seed)
+    pick = random.Random(seed).sample(trn, min(len(trn), replay * len(fb)))
+    replayed = labelled_pairs(learn.dls.dsets, [items[i] for i in pick])
+    valid = labelled_pairs(learn.dls.dsets, [items[i] for i in val])
     exported, learn.dls = learn.dls, _loaders(learn, fb + replayed, valid, bs)
     before = _rounded(learn.validate())
     learn.fine_tune(epochs, base_lr=lr)
     after = _rounded(learn.validate())
     learn.dls = exported
     better = after['valid_loss'] <= before['valid_loss']
-    out = learn.export(next_version(model).name) if better else None
+    out = export_version(learn, model) if better else None
     verdict = (f'wrote {out.name}: not worse' if better else 'kept the current model: the fine-tuned one is worse')
     msg = f"{verdict} (valid loss {before['valid_loss']:.4f} -> {after['valid_loss']:.4f} on {len(valid)} items)"
     return {'corrections': len(fb), 'replayed': len(replayed), 'valid_items': len(valid), 'before': before,

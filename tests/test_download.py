@@ -151,7 +151,7 @@ def test_untar_data_downloads_checks_and_unpacks(isolated):
     assert path == data/'planet_tiny'                               # under LESSONLIB_DATA, the single top folder kept once
     assert (path/'train'/'train_1.jpg').read_bytes() == PLANET['planet_tiny/train/train_1.jpg']
     assert n == 1                                                   # the second call downloaded nothing
-    assert sorted(p.name for p in data.iterdir()) == ['.downloads', 'planet_tiny']   # no temporary folders left
+    assert sorted(p.name for p in data.iterdir()) == ['.downloads', '.planet_tiny.lock', 'planet_tiny']   # no temporary folders left
     assert list((data/'.downloads').iterdir()) == []
 
 
@@ -347,5 +347,5 @@ def test_untar_data_refuses_malicious_archive_and_cleans_up(isolated):
     with serve({'/evil.tgz': tar_bytes([('evil/ok.txt', b'ok'), ('evil/../../../x.txt', b'x')])}) as srv:
         with pytest.raises(UnsafeArchiveError): untar_data(f'{srv.url}/evil.tgz')
     data = isolated/'data'
-    assert sorted(p.name for p in data.iterdir()) == ['.downloads']   # no folder, no temporary folder
+    assert sorted(p.name for p in data.iterdir() if p.suffix != '.lock') == ['.downloads']   # no folder, no temporary folder
     assert list((data/'.downloads').iterdir()) == []                   # and the bad archive is gone

@@ -124,3 +124,18 @@ def test_train_classifier_recipes(tmp_path, gradual):
     assert len(learn.recorder.values) == (1 if gradual else 4)      # the last fit: after 3 one-epoch stages, or all 4
     assert not torch.equal(learn.model.encoder.encoder.weight, emb0)   # the embedding trained in the end
     assert all(p.requires_grad for p in learn.model.parameters())     # left unfrozen
+
+
+@pytest.mark.skipif(not (data_dir()/'imdb_sample'/'texts.csv').exists(), reason='imdb_sample not in the data folder (LESSONLIB_DATA)')
+def test_lesson_notebook_runs_on_imdb_sample(tmp_path):
+    "The lesson top to bottom on the real sample (CI runs it on the built-in set too, with nbdev_test), short epochs."
+    nb = Path(__file__).parent.parent/'nbs'/'lessons'/'04_imdb.ipynb'
+    nbdev_test = shutil.which('nbdev_test') or str(Path(sys.executable).parent/'nbdev_test')
+    env = {**os.environ, 'MPLBACKEND': 'Agg', 'IMDB_DATA': 'imdb_sample', 'IMDB_LM_EPOCHS': '1', 'IMDB_EPOCHS': '1',
+           'IMDB_OUT': str(tmp_path/'out')}
+    r = subprocess.run([nbdev_test, '--path', str(nb)], capture_output=True, text=True, timeout=1800, env=env)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert (tmp_path/'out'/'models'/'encoder.pth').is_file() and (tmp_path/'out'/'imdb_export.pkl').is_file()
+    from lessonlib.learner import load_learner
+    learn = load_learner(tmp_path/'out'/'imdb_export.pkl')
+    assert len(learn.dls.text_vocab) > 3000      # the real reviews' vocabulary (the built-in set's is a few hundred words)

@@ -2,7 +2,6 @@
 several threads, fine-tuning from the command line, and one end-to-end run in a real browser (chromium + Selenium)."""
 import io, json, os, re, shutil, sqlite3, threading, time, warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 import pytest
 
 pytest.importorskip('fastapi', reason='the serve extra is not installed: pip install "lessonlib[serve]"')
@@ -35,7 +34,8 @@ def test_predict_then_feedback(client):
     assert r.status_code == 200, r.text
     p = r.json()
     vocab = client.get('/health').json()['labels']
-    assert sorted(vocab) == ['circle', 'square', 'triangle'] or len(vocab) == 3
+    from lessonlib.synth.scratch import make_scratch
+    assert sorted(vocab) == sorted(d.name for d in (make_scratch()/'train').iterdir() if d.is_dir())
     assert set(p['probabilities']) == set(vocab) and abs(sum(p['probabilities'].values()) - 1) < 1e-4
     assert p['labels'] == [max(p['probabilities'], key=p['probabilities'].get)] and p['multi_label'] is False
     other = next(l for l in vocab if l not in p['labels'])
@@ -46,6 +46,11 @@ def test_predict_then_feedback(client):
     assert (row['label'], row['prediction'], row['model_version']) == ([other], p['labels'], p['model_version'])
     assert re.fullmatch(r'[0-9a-f]{32}\.png', row['image']) and (log.images/row['image']).is_file()
     assert 'passwd' not in json.dumps(log.rows())
+    n_rows, n_files = len(log.rows()), len(list(log.images.iterdir()))
+    again = client.post('/feedback', json={'prediction_id': p['prediction_id'], 'labels': [p['labels'][0]]})
+    assert again.status_code == 409 and 'already corrected' in again.json()['detail'], again.text
+    assert f"#{r.json()['feedback_id']}" in again.json()['detail'] and not LEAKS.search(again.text)
+    assert (len(log.rows()), len(list(log.images.iterdir()))) == (n_rows, n_files)   # no second row, no stray picture
 
 def test_page_health_docs(client):
     page = client.get('/')
@@ -63,7 +68,8 @@ BAD_UPLOADS = {  # case: (multipart file bytes, expected status)
     'truncated PNG': (png((64, 64))[:70], 400),
     'truncated JPEG': (None, 400),
     'decompression bomb (PNG header claims 30000x30000)': (None, 413),
-    'over the size limit': (None, 413),
+    'over the size limit (refused from its Content-Length)': (None, 413),
+    'over the size limit (refused while read)': (None, 413),
 }
 
 def _bomb(w=30000, h=30000) -> bytes:
@@ -83,7 +89,8 @@ def _bad_cases():
     cases = dict(BAD_UPLOADS)
     cases['truncated JPEG'] = (_jpeg_half(), 400)
     cases['decompression bomb (PNG header claims 30000x30000)'] = (_bomb(), 413)
-    cases['over the size limit'] = (os.urandom(300_000), 413)
+    cases['over the size limit (refused from its Content-Length)'] = (os.urandom(300_000), 413)
+    cases['over the size limit (refused while read)'] = (os.urandom(210_000), 413)   # under limit + form allowance
     return cases
 
 def test_bad_uploads_are_4xx_with_a_clear_message(client):
@@ -139,7 +146,8 @@ def test_multi_label_model(tmp_path):
     assert p['labels'] == [k for k, v in p['probabilities'].items() if v > 0.5]
     vocab = c.get('/health').json()['labels']
     for labels in ([], vocab[:3]):
-        r = c.post('/feedback', json={'prediction_id': p['prediction_id'], 'labels': labels})
+        pid = c.post('/predict', files={'file': ('t.png', png((32, 32)), 'image/png')}).json()['prediction_id']
+        r = c.post('/feedback', json={'prediction_id': pid, 'labels': labels})
         assert r.status_code == 200, r.text
     assert [r['label'] for r in FeedbackLog(tmp_path/'fb.db').rows()] == [[], vocab[:3]]
     from lessonlib.serve import finetune, original_items
@@ -149,7 +157,9 @@ def test_multi_label_model(tmp_path):
         warnings.simplefilter('ignore')
         res = finetune(fname, tmp_path/'fb.db', data=tmp_path/'planet_tiles', epochs=1)
     assert (res['corrections'], res['replayed'], res['valid_items']) == (2, 8, 12)
-    assert ('wrote planet.v2.pkl' in res['message']) == (res['after']['valid_loss'] <= res['before']['valid_loss'])
+    written = (tmp_path/'planet.v2.pkl').exists()
+    not_worse = res['after']['valid_loss'] <= res['before']['valid_loss']
+    assert ('wrote planet.v2.pkl' in res['message']) == written == not_worse, res['message']
 
 class Server:
     "The app under uvicorn on 127.0.0.1 (a free port) in a thread."
@@ -175,38 +185,104 @@ def server(shapes, tmp_path_factory):
     s.stop()
 
 def test_concurrent_feedback_loses_no_rows(server):
+    "40 predictions, each corrected twice at once from 8 threads: 40 rows, 40 answers 409, no picture left over."
     with httpx.Client(base_url=server.url, timeout=30) as c:
-        p = c.post('/predict', files={'file': ('a.png', png(), 'image/png')}).json()
-    def send(i):
+        pids = [c.post('/predict', files={'file': ('a.png', png(), 'image/png')}).json()['prediction_id']
+                for _ in range(40)]
+    def send(pid):
         with httpx.Client(base_url=server.url, timeout=30) as c:
-            return [c.post('/feedback', json={'prediction_id': p['prediction_id'], 'labels': ['square']}).json()['feedback_id']
-                    for _ in range(5)]
-    before = len(server.server.config.app.state.feedback.rows())
-    with ThreadPoolExecutor(8) as ex: ids = sum(ex.map(send, range(8)), [])
-    rows = server.server.config.app.state.feedback.rows()
-    assert len(ids) == len(set(ids)) == 40 and len(rows) == before + 40
-    assert set(ids) <= {r['id'] for r in rows}
+            r = c.post('/feedback', json={'prediction_id': pid, 'labels': ['square']})
+            return pid, r.status_code, r.json()
+    log = server.server.config.app.state.feedback
+    before = len(log.rows())
+    with ThreadPoolExecutor(8) as ex: answers = list(ex.map(send, pids + pids[::-1]))
+    rows = log.rows()
+    ok = [a for a in answers if a[1] == 200]
+    assert sorted(a[1] for a in answers) == [200] * 40 + [409] * 40, answers
+    assert sorted(pid for pid, _, _ in ok) == sorted(pids) and len(rows) == before + 40
+    assert {a[2]['feedback_id'] for a in ok} == {r['id'] for r in rows[before:]}
+    assert sorted(r['prediction_id'] for r in rows[before:]) == sorted(pids)
+    assert sorted(f.name for f in log.images.iterdir()) == sorted(r['image'] for r in rows)
     db = server.server.config.app.state.feedback.db
     assert sqlite3.connect(db).execute('PRAGMA journal_mode').fetchone()[0] == 'wal'
 
-def test_finetune_command_and_new_version(shapes, tmp_path):
+def _valid_loss(fname) -> float:
+    "Cross-entropy of model `fname` on the shapes set's val/ pictures, from the probabilities /predict would return."
+    import math
+    from lessonlib.synth.scratch import make_scratch
+    from lessonlib.vision.data import get_image_files
+    m = ImageModel(fname)
+    files = get_image_files(make_scratch()/'val')
+    return -sum(math.log(m.predict(Image.open(f))['probabilities'][f.parent.name]) for f in files) / len(files)
+
+def _finetune(argv, capsys):
     from lessonlib.cli import main
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try: rc = main(argv)
+        except SystemExit as e: rc = e.code   # argparse errors
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+def test_finetune_command_and_new_version(shapes, tmp_path, capsys):
+    "Both outcomes of `lessonlib finetune`, the losses it reports checked against the models' own predictions."
     from lessonlib.synth.scratch import make_scratch
     model = tmp_path/'shapes.pkl'
     shutil.copy(shapes, model)
     log = FeedbackLog(tmp_path/'fb.db')
-    files = sorted((make_scratch()/'val').rglob('*.jpg'))[::9][:10]
+    files = sorted((make_scratch()/'test').rglob('*.jpg'))[::4][:10]
     for f in files: log.add(Image.open(f).convert('RGB'), 'v1', ['?'], {}, [f.parent.name])
     log.add(Image.open(files[0]).convert('RGB'), 'v1', ['?'], {}, ['not-a-label'])   # left out with a warning
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        rc = main(['finetune', str(model), '--feedback', str(tmp_path/'fb.db'), '--data', str(make_scratch())])
-    assert rc == 0
+    base = ['finetune', str(model), '--feedback', str(tmp_path/'fb.db')]
+    rc, out, err = _finetune(base, capsys)                                      # no --data: a one-line error
+    assert rc == 2 and '--data' in err and len(err.splitlines()) == 1, err
+    rc, out, err = _finetune(base + ['--data', str(make_scratch()), '--lr', '10', '--epochs', '1'], capsys)
+    before, after = map(float, re.search(r'valid loss ([\d.]+) -> ([\d.]+) on (\d+) items', out).groups()[:2])
+    assert rc == 0 and 'kept the current model' in out and after > before, out
+    assert sorted(p.name for p in tmp_path.glob('shapes*.pkl')) == ['shapes.pkl'], out   # nothing written
+    assert abs(before - _valid_loss(model)) < 2e-3, (before, _valid_loss(model))
+    rc, out, err = _finetune(base + ['--data', str(make_scratch()), '--lr', '3e-3', '--epochs', '2'], capsys)
+    before, after = map(float, re.search(r'valid loss ([\d.]+) -> ([\d.]+) on', out).groups())
     new = tmp_path/'shapes.v2.pkl'
-    if new.exists():   # a new version is served with the same feedback log
-        c = TestClient(create_app(new, tmp_path/'fb.db'))
-        assert c.get('/health').json()['model_version'].startswith('shapes.v2.pkl@')
-        assert len(FeedbackLog(tmp_path/'fb.db').rows()) == len(files) + 1
+    assert rc == 0 and ('wrote shapes.v2.pkl: not worse' in out) == new.exists() == (after <= before), out
+    if new.exists(): assert abs(after - _valid_loss(new)) < 2e-3, (after, _valid_loss(new))
+    assert len(FeedbackLog(tmp_path/'fb.db').rows()) == len(files) + 1   # the log is read, never changed
+
+def test_new_version_served_with_the_same_feedback_log(shapes, tmp_path, monkeypatch, capsys):
+    "`lessonlib serve NAME.pkl`, then `lessonlib serve NAME.v2.pkl`: one log (feedback.db beside them), rows kept."
+    import torch, uvicorn
+    from lessonlib.cli import main
+    from lessonlib.learner import load_learner
+    from lessonlib.serve import export_version
+    started = []
+    monkeypatch.setattr(uvicorn, 'run', lambda app, **kw: started.append((app, kw)))
+    v1 = tmp_path/'shapes.pkl'
+    shutil.copy(shapes, v1)
+    learn = load_learner(v1)
+    with torch.no_grad():
+        for p in learn.model.parameters(): p.mul_(0.5)
+    v2 = export_version(learn, v1)
+    assert v2 == tmp_path/'shapes.v2.pkl'
+    versions, ids = [], []
+    for fname in (v1, v2, v1):
+        assert main(['serve', str(fname)]) == 0
+        app, kw = started[-1]
+        assert (kw['host'], kw['port']) == ('127.0.0.1', 8000)   # this machine only, unless --host says otherwise
+        assert app.state.feedback.db == tmp_path/'feedback.db'
+        c = TestClient(app)
+        p = c.post('/predict', files={'file': ('a.png', png(), 'image/png')}).json()
+        r = c.post('/feedback', json={'prediction_id': p['prediction_id'], 'labels': ['circle']})
+        assert r.status_code == 200, r.text
+        versions.append(p['model_version'])
+        ids.append(r.json()['feedback_id'])
+    from lessonlib.serve import serve
+    serve(v2)                                                    # the function's own default too
+    assert started[-1][1]['host'] == '127.0.0.1' and started[-1][0].state.feedback.db == tmp_path/'feedback.db'
+    assert versions[0].startswith('shapes.pkl@') and versions[1].startswith('shapes.v2.pkl@')
+    assert versions[0] == versions[2]
+    rows = FeedbackLog(tmp_path/'feedback.db').rows()
+    assert [(r['id'], r['model_version']) for r in rows] == list(zip(ids, versions))
+    assert all((tmp_path/'feedback_images'/r['image']).is_file() for r in rows)
 
 def _chromedriver():
     path = shutil.which('chromedriver')

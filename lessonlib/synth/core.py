@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import check_data_folder, lock_folder
+
 # %% auto #0
 __all__ = ['MARKER', 'item_rng', 'read_marker', 'make_synth']
 
@@ -35,17 +37,17 @@ def _swap_in(new: Path, dest: Path):
     if old is not None: shutil.rmtree(old, ignore_errors=True)
 
 # %% ../../nbs/synth/00_core.ipynb #efa532d3
-def make_synth(dest, params: dict, write, force: bool = False, maker: str = 'make_synth') -> Path:
-    "Make a synthetic set in `dest` with `write(folder)`, atomically, unless `dest` was made with `params`."
-    dest = Path(dest)
-    if json.loads(json.dumps(params)) != params:
-        raise ValueError(f'{maker}: the parameters {params!r} do not read back equal from JSON; '
-                         'use plain numbers, strings, lists and dicts')
-    if not force and read_marker(dest) == params: return dest
+def _clean_stale(dest: Path):
+    "Remove what killed makers of `dest` left beside it (`.NAME.*.part`, `.NAME.old.*`); call with the lock held."
+    for p in list(dest.parent.glob(f'.{dest.name}.*.part')) + list(dest.parent.glob(f'.{dest.name}.old.*')):
+        shutil.rmtree(p, ignore_errors=True)
+
+def _build(dest: Path, params: dict, write, maker: str):
+    "Write the set into a `.part` folder beside `dest`, mark it complete, swap it in."
+    _clean_stale(dest)
     if dest.exists() and read_marker(dest) is None and (not dest.is_dir() or any(dest.iterdir())):
         raise FileExistsError(f'{maker}: {dest} exists and was not made by {maker} (no {MARKER}); '
                               'pass another dest= or remove it')
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{dest.name}.', suffix='.part', dir=dest.parent))
     try:
         new = tmp/'set'
@@ -54,4 +56,19 @@ def make_synth(dest, params: dict, write, force: bool = False, maker: str = 'mak
         (new/MARKER).write_text(json.dumps(params))  # written last: marks the set complete
         _swap_in(new, dest)
     finally: shutil.rmtree(tmp, ignore_errors=True)
+
+def make_synth(dest, params: dict, write, force: bool = False, maker: str = 'make_synth') -> Path:
+    "Make a synthetic set in `dest` with `write(folder)`, atomically, unless `dest` was made with `params`."
+    dest = Path(dest)
+    if json.loads(json.dumps(params)) != params:
+        raise ValueError(f'{maker}: the parameters {params!r} do not read back equal from JSON; '
+                         'use plain numbers, strings, lists and dicts')
+    if not force and read_marker(dest) == params:
+        lock_folder(dest, exclusive=False)      # in use by this process: no other process replaces it meanwhile
+        if read_marker(dest) == params: return dest
+    check_data_folder(dest.parent)              # a clear error before any long work
+    lock_folder(dest, exclusive=True)           # one maker at a time; waits for other processes using the old set
+    try:
+        if force or read_marker(dest) != params: _build(dest, params, write, maker)   # else: made while we waited
+    finally: lock_folder(dest, exclusive=False)
     return dest

@@ -4,23 +4,23 @@
 
 # %% ../../nbs/02_vision_data.ipynb #87489981
 from __future__ import annotations
-import math, random
+import math, random, warnings
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..data import (Block, Transform, DataError, DataBlock, DataLoaders, CategoryBlock, MultiCategoryBlock,
+from ..data import (Block, Transform, DataError, BadItemError, DataBlock, DataLoaders, CategoryBlock, MultiCategoryBlock,
                             ColReader, RandomSplitter, ColSplitter, GrandparentSplitter, RegexLabeller,
-                            parent_label, get_files, describe, _hw, IMAGE, MASK, POINTS)
+                            parent_label, get_files, describe, read_table, _hw, IMAGE, MASK, POINTS)
 from ..losses import CrossEntropyLossFlat, MSELossFlat
 
 # %% auto #0
-__all__ = ['image_extensions', 'imagenet_stats', 'get_image_files', 'open_image', 'to_hwc', 'show_image', 'IntToFloat',
-           'Normalize', 'ImageBlock', 'points_to_norm', 'points_to_pixels', 'Resize', 'RandomResizedCrop',
-           'mask_palette', 'MaskBlock', 'PointBlock', 'ImageDataLoaders']
+__all__ = ['image_extensions', 'MAX_IMAGE_PIXELS', 'imagenet_stats', 'get_image_files', 'to_mode', 'open_image', 'to_hwc',
+           'show_image', 'IntToFloat', 'Normalize', 'ImageBlock', 'points_to_norm', 'points_to_pixels', 'Resize',
+           'RandomResizedCrop', 'mask_palette', 'MaskBlock', 'PointBlock', 'ImageDataLoaders']
 
 # %% ../../nbs/02_vision_data.ipynb #d8d05cd1
 image_extensions = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
@@ -30,18 +30,50 @@ def get_image_files(path, recurse=True, folders=None) -> list:
     return get_files(path, image_extensions, recurse, folders)
 
 # %% ../../nbs/02_vision_data.ipynb #3889d4cf
-def open_image(fn, size=None, mode='RGB') -> Image.Image:
-    "Open image file `fn` in `mode` (None: as stored); a JPEG ≥ twice `size` (w, h) is decoded reduced (draft mode)."
-    fn = Path(fn)
-    try:
-        im = Image.open(fn)
+MAX_IMAGE_PIXELS = 100_000_000     # the largest picture opened (100 megapixels); more is refused as a decompression bomb
+
+def _high_depth(im) -> Image.Image:
+    "A 16-bit, 32-bit integer or float grey image as 8-bit 'L', scaled (never clipped): 16-bit /257, floats in 0..1 ×255."
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == 'F': hi = 1. if a.size == 0 or np.nanmax(a) <= 1. else 255.      # floats: 0..1, else 0..255
+    else: hi = 65535. if a.size == 0 or a.max() <= 65535 else float(2**32 - 1)     # integers: 16-bit, else 32-bit
+    return Image.fromarray(np.clip(np.nan_to_num(a) * (255. / hi), 0, 255).round().astype(np.uint8))
+
+def to_mode(im, mode='RGB') -> Image.Image:
+    "PIL image `im` upright (EXIF) in `mode`: transparency on white, 16-bit/float grey scaled to 8 bits; the one rule."
+    if mode is None: return im
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ('I', 'F') or im.mode.startswith('I;16'): im = _high_depth(im)
+    if im.mode == 'P': im = im.convert('RGBA' if 'transparency' in im.info else 'RGB')
+    if im.mode in ('RGBA', 'LA', 'PA', 'La', 'RGBa'):
+        im = Image.alpha_composite(Image.new('RGBA', im.size, (255, 255, 255, 255)), im.convert('RGBA'))
+    return im.convert(mode) if im.mode != mode else im
+
+def _open(fn, size, mode, max_pixels):
+    "Open and decode `fn`, refusing more than `max_pixels` before decoding."
+    with Image.open(fn) as im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise BadItemError(f'image {fn} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,} '
+                               '(a decompression bomb?); if you trust it, raise lessonlib.vision.data.MAX_IMAGE_PIXELS')
         if size is not None and im.format == 'JPEG': im.draft(mode if mode in ('RGB', 'L') else None, tuple(size))
         im.load()
-    except FileNotFoundError: raise DataError(f'image file not found: {fn}; check the path (and the pref/suff of the getter)') from None
+        return im
+
+def open_image(fn, size=None, mode='RGB', max_pixels=None) -> Image.Image:
+    "Open image file `fn` in `mode` by `to_mode` (None: as stored); a JPEG ≥ twice `size` (w, h) is decoded reduced."
+    fn, max_pixels = Path(fn), max_pixels or MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)   # our own limit applies
+            im = _open(fn, size, mode, max_pixels)
+    except FileNotFoundError: raise BadItemError(f'image file not found: {fn}; check the path (and the pref/suff of the getter)') from None
+    except Image.DecompressionBombError as e:
+        raise BadItemError(f'image {fn} is refused as a decompression bomb ({e}); the limit is {max_pixels:,} pixels') from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f'cannot read image {fn}: {type(e).__name__}: {e}. The file is damaged, truncated or not an image: '
-                        're-download it or remove it from the data set') from e
-    return im.convert(mode) if mode and im.mode != mode else im
+        raise BadItemError(f'cannot read image {fn}: {type(e).__name__}: {e}. The file is damaged, truncated or not an image: '
+                           're-download it or remove it from the data set') from e
+    return to_mode(im, mode)
 
 # %% ../../nbs/02_vision_data.ipynb #24a6567e
 def to_hwc(im) -> np.ndarray:
@@ -107,9 +139,28 @@ def _describe_image(o) -> str:
     "'PIL image RGB 96x64' for a PIL image, else the generic description."
     return f'PIL image {o.mode} {o.size[0]}x{o.size[1]}' if isinstance(o, Image.Image) else describe(o)
 
+def _as_uint8(a, what='array'):
+    "Array `a` as uint8: floats must be in [0, 1] (scaled ×255), integers in 0..255, uint16 scaled by 1/257."
+    a = np.asarray(a)
+    if a.dtype == np.uint8: return a
+    if a.dtype == np.uint16: return (a.astype(np.float64) / 257).round().astype(np.uint8)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0., 0.)
+    if np.issubdtype(a.dtype, np.floating):
+        if lo < 0 or hi > 1:
+            raise DataError(f'ImageBlock: a float {what} with values in [{lo:.3g}, {hi:.3g}]; float images must be in '
+                            '[0, 1]: divide by 255 (or pass uint8), and undo any normalisation first')
+        return (a * 255).round().astype(np.uint8)
+    if lo < 0 or hi > 255: raise DataError(f'ImageBlock: an integer {what} with values in [{lo:.0f}, {hi:.0f}]; give 0..255 (uint8)')
+    return a.astype(np.uint8)
+
+def _chw_to_hwc(a):
+    "A CHW (1, 3 or 4 channels) array as HWC, one channel as HW."
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4): a = a.transpose(1, 2, 0)
+    return a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else np.ascontiguousarray(a)
+
 class ImageBlock(Block):
     "Images: read by `open_image` (draft mode), encoded as uint8 CHW tensors, kind IMAGE; IntToFloat, Normalize."
-    kind = IMAGE
+    kind, reads_files = IMAGE, True
     def __init__(self, mode='RGB', stats=imagenet_stats): self.mode, self.stats = mode, stats
 
     @property
@@ -121,9 +172,9 @@ class ImageBlock(Block):
 
     def read(self, o, size=None):
         if isinstance(o, (str, Path)): return open_image(o, size, self.mode)
-        if isinstance(o, Image.Image): return o.convert(self.mode) if o.mode != self.mode else o
-        if isinstance(o, torch.Tensor): o = (to_hwc(o) * 255).round().astype(np.uint8)
-        if isinstance(o, np.ndarray): return Image.fromarray(o).convert(self.mode)
+        if isinstance(o, Image.Image): return to_mode(o, self.mode)
+        if isinstance(o, torch.Tensor): o = _chw_to_hwc(_as_uint8(o.detach().cpu().numpy(), 'tensor'))
+        if isinstance(o, np.ndarray): return to_mode(Image.fromarray(_as_uint8(o, 'array')), self.mode)
         raise DataError(f'ImageBlock: cannot read an image from {describe(o)}; give a file path or a PIL image')
 
     def encode(self, im):
@@ -346,11 +397,10 @@ class ImageDataLoaders:
 
     @staticmethod
     def from_csv(path, csv_fname='labels.csv', **kwargs) -> DataLoaders:
-        "From a CSV label file in `path` (see `from_df` for the options)."
-        import pandas as pd
+        "From a CSV label file in `path` (read by `read_table`; see `from_df` for the options)."
         fn = Path(path)/csv_fname
         if not fn.exists(): raise DataError(f'from_csv: no label file {fn}')
-        return ImageDataLoaders.from_df(pd.read_csv(fn), path, **kwargs)
+        return ImageDataLoaders.from_df(read_table(fn), path, **kwargs)   # text cells, errors name the line
 
     @staticmethod
     def from_folder(path, train='train', valid='valid', valid_pct=None, seed=None, **kwargs) -> DataLoaders:
