@@ -23,12 +23,16 @@ __all__ = ['Recorder', 'format_row', 'progress_mode', 'ProgressBar', 'ProgressCa
 class Recorder(Callback):
     "Record per-batch loss/lr/momentum and per-epoch losses, metrics and time; plot them."
     order = 50
-    def __init__(self): self._reset()
+    def __init__(self):
+        self.fits = []      # every fit since the Recorder was made: {'name', 'losses', 'values', 'iters'}
+        self._reset()
 
     def _reset(self): self.lrs, self.moms, self._losses, self.values, self.iters = [], [], [], [], []
 
     def before_fit(self, learn):
         self._reset()
+        self.fits.append({'name': f'fit {len(self.fits) + 1}', 'losses': self._losses, 'values': self.values,
+                          'iters': self.iters})
         self.metric_names = ['epoch', 'train_loss', 'valid_loss'] + [m.name for m in learn.metrics] + ['time']
 
     def before_epoch(self, learn):
@@ -68,6 +72,31 @@ class Recorder(Callback):
             ax.plot(np.array(self.iters) - 1, [r['valid_loss'] for r in self.values], 'o-', label='valid')
         ax.set_xlabel('batches trained')
         ax.set_ylabel('loss')
+        ax.legend()
+        return ax
+
+    def name_fit(self, name: str):
+        "Name the latest fit (a stage of training), for `plot_fits`."
+        if not self.fits: raise ValueError('name_fit: nothing has been fitted yet')
+        self.fits[-1]['name'] = name
+
+    def plot_fits(self, skip_start: int = 5, ax=None, title: str | None = 'loss over the whole run'):
+        "Plot every fit's batch losses end to end (smoothed), validation losses, and a line where each fit starts."
+        ax = ax or plt.subplots(figsize=(8, 4))[1]
+        start = 0
+        for k, f in enumerate(self.fits):
+            losses = torch.stack(f['losses']).tolist() if f['losses'] else []
+            x = start + np.arange(len(losses))
+            ax.plot(x[skip_start:], _ema(losses)[skip_start:], c='tab:blue', label='train (smoothed)' if k == 0 else None)
+            if f['values'] and f['values'][0]['valid_loss'] is not None:
+                ax.plot(start + np.array(f['iters']) - 1, [r['valid_loss'] for r in f['values']], 'o-', c='tab:orange',
+                        label='valid' if k == 0 else None)
+            ax.axvline(start, c='grey', ls=':', lw=1)
+            ax.text(start, 1.01, f" {f['name']}", transform=ax.get_xaxis_transform(), fontsize=8, rotation=20, va='bottom')
+            start += len(losses)
+        ax.set_xlabel('batches trained (all fits)')
+        ax.set_ylabel('loss')
+        if title: ax.set_title(title, pad=28)
         ax.legend()
         return ax
 

@@ -13,7 +13,7 @@ from .download import _CHUNK, _drop_part, _replace_folder, _save_chunks, _writab
 
 # %% auto #0
 __all__ = ['COLAB_DATA', 'PIP_SPEC', 'KaggleError', 'KaggleCredentials', 'kaggle_config_dir', 'kaggle_setup', 'kaggle_download',
-           'setup_lesson']
+           'show_path', 'setup_lesson']
 
 # %% ../nbs/15_kaggle.ipynb #6d3ecd12
 class KaggleError(RuntimeError):
@@ -189,6 +189,12 @@ def _data_folders() -> list:
     if not d.is_dir(): return []
     return sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith('.'))
 
+def show_path(p, home=None) -> str:
+    "`p` as people should see it: under the home folder as `~/...`, so printed output is the same on every machine."
+    p, home = Path(p).expanduser().absolute(), Path(home or Path.home()).absolute()
+    try: return str(Path('~')/p.relative_to(home))
+    except ValueError: return str(p)
+
 def setup_lesson(packages=('py7zr', 'kaggle'), colab=None, quiet: bool = False) -> dict:
     "Get a lesson ready: in Colab install missing `packages` and use /content/data; everywhere report the device and data folder."
     colab = in_colab() if colab is None else colab
@@ -199,5 +205,5 @@ def setup_lesson(packages=('py7zr', 'kaggle'), colab=None, quiet: bool = False) 
     info = {'colab': colab, 'device': _device_report(), 'data': data_dir(), 'present': _data_folders()}
     if not quiet:
         print(f"{'Colab' if colab else 'Local'} | {info['device']}\n"
-              f"data sets in {info['data']} ({DATA_ENV}); here: {', '.join(info['present']) or 'none yet'}")
+              f"data sets in {show_path(info['data'])} ({DATA_ENV}); here: {', '.join(info['present']) or 'none yet'}")
     return info

@@ -14,8 +14,8 @@ from .callbacks import ProgressBar
 from .optim import set_hyper
 
 # %% auto #0
-__all__ = ['SUGGESTIONS', 'MARKERS', 'LRFinder', 'minimum', 'steep', 'valley', 'slide', 'SuggestedLRs', 'suggest_lrs',
-           'plot_lr_find', 'LRFinderWidget']
+__all__ = ['SUGGESTIONS', 'MARKERS', 'IPYWIDGETS_MIN', 'LRFinder', 'minimum', 'steep', 'valley', 'slide', 'SuggestedLRs',
+           'suggest_lrs', 'plot_lr_find', 'LRFinderWidget', 'widgets_unusable']
 
 # %% ../nbs/11_lr_find.ipynb #02b194fa
 class LRFinder(Callback):
@@ -127,8 +127,9 @@ def suggest_lrs(lrs, losses, skip_end: int = 5) -> SuggestedLRs:
 # %% ../nbs/11_lr_find.ipynb #23ba4766
 MARKERS = {'valley': ('o', 'tab:red'), 'slide': ('s', 'tab:green'), 'minimum': ('^', 'tab:purple'), 'steep': ('v', 'tab:orange')}
 
-def plot_lr_find(lrs, losses, suggestions: SuggestedLRs | None = None, skip_end: int = 5, ax=None):
-    "Plot loss against learning rate (log scale), marking the suggestions."
+def plot_lr_find(lrs, losses, suggestions: SuggestedLRs | None = None, skip_end: int = 5, ax=None,
+                 chosen: float | None = None, title: str | None = None):
+    "Plot loss against learning rate (log scale), marking the suggestions (and the `chosen` rate, a dashed line)."
     ax = ax or plt.subplots(figsize=(6, 4))[1]
     lrs, losses = _finite(lrs, losses)
     n = max(len(lrs) - skip_end, 1)
@@ -137,8 +138,10 @@ def plot_lr_find(lrs, losses, suggestions: SuggestedLRs | None = None, skip_end:
     for name, lr in (suggestions._asdict().items() if suggestions else []):
         m, c = MARKERS[name]
         ax.plot(lr, np.interp(np.log10(lr), np.log10(lrs), losses), m, color=c, markersize=8, label=f'{name}: {lr:.2e}')
+    if chosen is not None: ax.axvline(chosen, color='k', ls='--', lw=1, label=f'chosen: {chosen:.2e}')
     ax.set_xscale('log'); ax.set_xlabel('learning rate'); ax.set_ylabel('loss (smoothed)')
-    if suggestions: ax.legend()
+    if title: ax.set_title(title)
+    if suggestions or chosen is not None: ax.legend()
     return ax
 
 # %% ../nbs/11_lr_find.ipynb #4e717820
@@ -187,14 +190,30 @@ class LRFinderWidget:
         self.label.value = self.readout()
         with self.out:
             self.out.clear_output(wait=True)
-            ax = plot_lr_find(self.lrs, self.losses, self.suggestions, skip_end=0)
-            ax.axvline(self.lr, color='k', ls='--', lw=1)
+            plot_lr_find(self.lrs, self.losses, self.suggestions, skip_end=0, chosen=self.lr)
             plt.show()
 
     def show(self):
-        "Display the widget in a notebook, or a static plot elsewhere."
-        from lessonlib.core import in_notebook
-        if not in_notebook(): return plot_lr_find(self.lrs, self.losses, self.suggestions, skip_end=0)
+        "Display the widget in a notebook; a static plot (saying why) where widgets cannot work."
+        why = widgets_unusable()
+        if why:
+            if why != 'not in a notebook': print(f'Showing a static plot: {why}. `lr` stays at the valley suggestion.')
+            return plot_lr_find(self.lrs, self.losses, self.suggestions, skip_end=0, chosen=self.lr)
         from IPython.display import display
         display(self.build())
         return self
+
+IPYWIDGETS_MIN = (7, 7)   # Colab ships 7.7.x; 8.x works in Jupyter
+
+def widgets_unusable(version: str | None = None, notebook: bool | None = None) -> str:
+    "Why the interactive plot cannot be shown here ('' when it can): no notebook, no ipywidgets, or one too old."
+    from lessonlib.core import in_notebook
+    if not (in_notebook() if notebook is None else notebook): return 'not in a notebook'
+    if version is None:
+        try: import ipywidgets
+        except ImportError: return 'ipywidgets is not installed (pip install "ipywidgets>=7.7,<9")'
+        version = ipywidgets.__version__
+    try: major_minor = tuple(int(v) for v in version.split('.')[:2])
+    except ValueError: return f'ipywidgets {version} is not a version lessonlib knows'
+    if major_minor < IPYWIDGETS_MIN: return f'ipywidgets {version} is older than 7.7 (pip install -U "ipywidgets>=7.7,<9")'
+    return ''

@@ -32,6 +32,7 @@ def test_planet_tiny_real_chips(tmp_path):
     assert 0.5 < m['f2'] <= 1
     assert len(m['history']) == 4                                     # 2 stages x 2 sizes x 1 epoch
     assert 'F2' in r.stdout and 'epoch' in r.stdout
+    assert m['submission'] is None and not (tmp_path/'submission.csv').exists()   # planet_tiny has no test set
 
 
 def test_builtin_smoke(tmp_path):
@@ -44,6 +45,29 @@ def test_builtin_smoke(tmp_path):
     assert m['f2'] > m['f2_baseline_clear_primary'] + 0.05, m   # well above always answering 'clear primary'
     assert 'stage 1 (32 px): body frozen' in r.stdout and 'stage 2 (32 px): unfrozen' in r.stdout
     assert not (tmp_path/'out'/'models').exists()               # checkpoints only with --checkpoints
+    assert 'lr_find at 32 px, body frozen' in r.stdout            # announced before the silent sweep
+    assert [h['stage'] for h in m['history']] == ['32 px frozen'] * 2 + ['32 px unfrozen'] * 2
+    report = (tmp_path/'out'/'report.md').read_text()
+    assert '| stage | epoch |' in report and '| 32 px unfrozen | 1 |' in report
+    assert str(Path.home()) not in report or str(Path.home()) in str(tmp_path)
+    check_submission(tmp_path/'out'/'submission.csv', tmp_path/'data'/'planet_synth', m)
+
+
+def check_submission(fn, data, m):
+    "A Kaggle submission: the sample's rows in its order, known tags only, and better than always 'clear primary'."
+    import pandas as pd
+    from sklearn.metrics import fbeta_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+    assert fn.read_text().splitlines()[0] == 'image_name,tags'
+    sub, sample = pd.read_csv(fn, keep_default_na=False), pd.read_csv(data/'sample_submission_v2.csv')
+    sol = pd.read_csv(data/'test_v2_solution.csv')
+    assert list(sub.image_name) == list(sample.image_name) == list(sol.image_name) and len(sub) == 60
+    assert set(' '.join(sub.tags).split()) <= set(m['tags'])
+    mlb = MultiLabelBinarizer(classes=m['tags'])
+    y = mlb.fit_transform(sol.tags.str.split())
+    f2 = fbeta_score(y, mlb.transform(sub.tags.str.split()), beta=2, average='samples', zero_division=0)
+    base = fbeta_score(y, mlb.transform([['clear', 'primary']] * len(sol)), beta=2, average='samples', zero_division=0)
+    assert f2 > base + 0.05, (f2, base)
 
 
 @pytest.mark.parametrize('args, msg', [

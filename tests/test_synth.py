@@ -21,7 +21,8 @@ def test_same_seed_same_bytes(tmp_path):
     b = make_planet(tmp_path/'b', n=12, size=32, seed=3)
     fa, fb = _files(a), _files(b)
     assert sorted(fa) == sorted(fb)
-    assert len([k for k in fa if k.endswith('.jpg')]) == 12
+    assert len([k for k in fa if k.startswith('train-jpg/')]) == 12
+    assert len([k for k in fa if k.startswith('test-jpg/')]) == 1          # n/10 test tiles
     assert fa == fb
     tags = pd.read_csv(a/'train_v2.csv').tags.str.split().tolist()
     assert tags == [planet_tile(i, seed=3, size=32)[0] for i in range(12)]
@@ -85,13 +86,16 @@ def test_tiny_cnn_learns_it(tmp_path):
 
 
 def test_marker_unchanged_so_cached_sets_are_reused(tmp_path):
-    "The marker still holds exactly what it held before the move to lessonlib.synth: sets made earlier are reused."
+    "Without test tiles the marker holds exactly what it held before the move to lessonlib.synth: sets made earlier are reused."
     from lessonlib.synth.core import MARKER, read_marker
-    p = make_planet(tmp_path/'p', n=3, size=32, seed=1)
+    assert read_marker(make_planet(tmp_path/'t', n=30, size=32, seed=1))['n_test'] == 3   # the default: n/10 test tiles
+    p = make_planet(tmp_path/'p', n=3, size=32, seed=1, n_test=0)
     assert read_marker(p) == {'version': 1, 'n': 3, 'size': 32, 'seed': 1, 'quality': 90}
     (p/MARKER).write_text('{"version": 1, "n": 3, "size": 32, "seed": 1, "quality": 90}')   # as written before
     mtime = (p/'train_v2.csv').stat().st_mtime_ns
-    assert make_planet(tmp_path/'p', n=3, size=32, seed=1) == p and (p/'train_v2.csv').stat().st_mtime_ns == mtime
+    assert make_planet(tmp_path/'p', n=3, size=32, seed=1, n_test=0) == p and (p/'train_v2.csv').stat().st_mtime_ns == mtime
+    make_planet(tmp_path/'p', n=3, size=32, seed=1, n_test=2)                         # asking for test tiles paints again
+    assert len(list((p/'test-jpg').glob('*.jpg'))) == 2 and read_marker(p)['n_test'] == 2
 
 
 def test_failed_make_keeps_old_set(tmp_path):

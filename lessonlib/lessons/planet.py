@@ -12,21 +12,23 @@ import pandas as pd
 import torch
 import matplotlib
 import matplotlib.pyplot as plt
-from ..core import data_dir, set_seed
+from ..core import atomic_path, data_dir, set_seed
 from ..data import DataBlock, ColReader, RandomSplitter, MultiCategoryBlock, DataError
 from ..vision.data import ImageBlock, Resize
 from ..vision.augment import aug_transforms
 from ..vision.models import vision_learner
 from ..metrics import accuracy_thresh, fbeta
 from ..datasets import get_dataset
-from ..kaggle import setup_lesson
+from ..kaggle import setup_lesson, show_path
 from ..synth.planet import make_planet
 from ..vision.models import ARCHS
+from ..lr_find import plot_lr_find
 from ..registry import register_lesson, save_fig, write_run
 
 # %% auto #0
-__all__ = ['PLANET_LAYOUTS', 'planet_source', 'planet_dls', 'planet_metrics', 'planet_learner', 'unfrozen_lrs', 'train_stages',
-           'best_threshold', 'baseline_f2', 'run_planet', 'planet_report', 'planet_summary']
+__all__ = ['PLANET_LAYOUTS', 'TEST_FOLDERS', 'planet_source', 'planet_dls', 'planet_metrics', 'planet_learner', 'unfrozen_lrs',
+           'train_frozen', 'train_unfrozen', 'train_stages', 'best_threshold', 'baseline_f2', 'planet_test_files',
+           'planet_submission', 'run_planet', 'planet_report', 'planet_summary']
 
 # %% ../../nbs/lessons/01_planet.ipynb #64016f79
 PLANET_LAYOUTS = (('train_v2.csv', 'train-jpg'), ('labels.csv', 'train'))
@@ -70,23 +72,32 @@ def unfrozen_lrs(lr: float) -> slice:
     "The lesson's rule for stage 2: `slice(1e-5, lr/5)`, the lower end kept below the upper one."
     return slice(min(1e-5, lr / 50), lr / 5)
 
-def train_stages(learn, epochs: int, lr: float, name: str, look: bool = True, save: bool = True) -> list:
-    "Stage 1: body frozen, one cycle at `slice(lr)`; stage 2: unfreeze, (`look`: lr_find), `unfrozen_lrs(lr)`; `save` each."
-    history = []
+def _stage_rows(learn, stage: str) -> list:
+    "Name the fit just done `stage` in the Recorder; its epoch rows, each marked with the stage."
+    learn.recorder.name_fit(stage)
+    return [dict(r, stage=stage) for r in learn.recorder.values]
+
+def train_frozen(learn, epochs: int, lr: float, name: str, save: bool = False) -> list:
+    "Stage 1 (announced): body frozen, one cycle at `slice(lr)`; `save` a checkpoint; the epoch rows."
     learn.freeze()
     print(f'stage 1 ({name} px): body frozen, {epochs} epoch(s) of one cycle at lr {lr:.2e}', flush=True)
     learn.fit_one_cycle(epochs, slice(lr))
     if save: learn.save(f'stage-1-{name}')
-    history += learn.recorder.values
+    return _stage_rows(learn, f'{name} px frozen')
+
+def train_unfrozen(learn, epochs: int, lr: float, name: str, save: bool = False) -> list:
+    "Stage 2 (announced): unfrozen, one cycle at `unfrozen_lrs(lr)` (`lr`: stage 1's rate); `save`; the epoch rows."
     learn.unfreeze()
-    if look: learn.lr_find()        # look at the unfrozen curve: flatter, and the loss rises sooner
     lrs = unfrozen_lrs(lr)
     print(f'stage 2 ({name} px): unfrozen, {epochs} epoch(s) at lr {lrs.start:.2e} (first layers) '
           f'to {lrs.stop:.2e} (head)', flush=True)
     learn.fit_one_cycle(epochs, lrs)
     if save: learn.save(f'stage-2-{name}')
-    history += learn.recorder.values
-    return history
+    return _stage_rows(learn, f'{name} px unfrozen')
+
+def train_stages(learn, epochs: int, lr: float, name: str, save: bool = False) -> list:
+    "Both stages at one size: `train_frozen`, then `train_unfrozen`; the epoch rows of both."
+    return train_frozen(learn, epochs, lr, name, save) + train_unfrozen(learn, epochs, lr, name, save)
 
 # %% ../../nbs/lessons/01_planet.ipynb #38cbb9d8
 def best_threshold(probs, targs, threshs=None) -> tuple[float, float, np.ndarray, np.ndarray]:
@@ -104,60 +115,95 @@ def baseline_f2(targs, vocab, tags=('clear', 'primary')) -> float:
         if t in vocab: pred[:, list(vocab).index(t)] = 1.
     return float(fbeta(pred, targs, beta=2, thresh=0.5, sigmoid=False))
 
+# %% ../../nbs/lessons/01_planet.ipynb #6bc10fb6
+TEST_FOLDERS = ('test-jpg', 'test-jpg-additional')
+
+def planet_test_files(path) -> tuple[list, list]:
+    "The names in `path`/sample_submission_v2.csv and their JPEG files (in test-jpg/ or test-jpg-additional/)."
+    sample = Path(path)/'sample_submission_v2.csv'
+    if not sample.exists():
+        raise DataError(f'{sample} does not exist: no test set here (planet_tiny has none). On the full data, '
+                        "download it with kaggle_download(COMPETITION, ['sample_submission_v2.csv', 'test-jpg.tar.7z', "
+                        "'test-jpg-additional.tar.7z'])")
+    names, files = pd.read_csv(sample)['image_name'].tolist(), []
+    for row, name in enumerate(names, 2):
+        fn = next((Path(path)/d/f'{name}.jpg' for d in TEST_FOLDERS if (Path(path)/d/f'{name}.jpg').exists()), None)
+        if fn is None: raise DataError(f"{sample}, row {row}: no {name}.jpg in {' or '.join(TEST_FOLDERS)}/ of {path} "
+                                       '(download and unpack the test archives)')
+        files.append(fn)
+    return names, files
+
+def planet_submission(learn, path, thresh: float, fn='submission.csv') -> pd.DataFrame:
+    "Predict the test images of `path` at threshold `thresh`; write Kaggle's `image_name,tags` CSV to `fn` (atomically)."
+    names, files = planet_test_files(path)
+    probs, _ = learn.get_preds(learn.dls.test_dl(files))
+    vocab = np.array(learn.dls.vocab)
+    sub = pd.DataFrame({'image_name': names, 'tags': [' '.join(vocab[p > thresh]) for p in probs.numpy()]})
+    with atomic_path(fn) as tmp: sub.to_csv(tmp, index=False)
+    return sub
+
 # %% ../../nbs/lessons/01_planet.ipynb #9654ec69
+def _find_lr(learn, size: int, fn) -> float:
+    "Freeze, run lr_find at `size` px (announced), use `valley`; save the plot, titled with the chosen rate, to `fn`."
+    learn.freeze()
+    print(f'lr_find at {size} px, body frozen: 100 batches at rising learning rates', flush=True)
+    lrs = learn.lr_find(show_plot=False)
+    plot_lr_find(learn.lr_finder.lrs, learn.lr_finder.losses, lrs, chosen=lrs.valley,
+                 title=f'lr_find at {size} px, body frozen: valley {lrs.valley:.2e} used')
+    save_fig(fn)
+    return lrs.valley
+
 def run_planet(data: str = 'synth', size: int = 32, epochs: int = 2, arch: str = 'resnet18', pretrained: bool = False,
                out='planet_out', bs: int = 32, seed: int = 42, n: int = 1200, progressive: bool = True,
                checkpoints: bool = False) -> dict:
-    "Train the Planet lesson end to end; write metrics.json, lr_find.png, loss.png, the exported model and report.md to `out`."
+    "Train the Planet lesson end to end; write metrics, plots, the exported model, a submission and report.md to `out`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     set_seed(seed)
     path, csv, folder = planet_source(data, n=n)
     dls = planet_dls(path, csv, folder, size=size, bs=bs, seed=seed)
     learn = planet_learner(dls, arch, pretrained=pretrained, path=out)
-    learn.freeze()
-    lrs = learn.lr_find(); save_fig(out/'lr_find.png'); lr = lrs.valley
-    history = train_stages(learn, epochs, lr, str(size), look=False, save=checkpoints)   # no one looks mid-command
+    lr = _find_lr(learn, size, out/'lr_find.png')
+    history = train_stages(learn, epochs, lr, str(size), save=checkpoints)
     sizes, lr_big = [size], None
     if progressive:
-        learn.dls = dls.new(size=2 * size); learn.freeze(); sizes.append(2 * size)
-        lr_big = learn.lr_find().valley; save_fig(out/'lr_find_big.png')
-        history += train_stages(learn, epochs, lr_big, str(2 * size), look=False, save=checkpoints)
+        learn.dls = dls.new(size=2 * size); sizes.append(2 * size)
+        lr_big = _find_lr(learn, 2 * size, out/'lr_find_big.png')
+        history += train_stages(learn, epochs, lr_big, str(2 * size), save=checkpoints)
     probs, targs = learn.get_preds()    # one validation pass serves the threshold and the baseline
     thresh, f2, threshs, scores = best_threshold(probs, targs)
     learn.loss_func.thresh = thresh
-    _plot_history(history); save_fig(out/'loss.png')
-    results = {'data': str(path), 'out': str(out), 'images_train': len(dls.train_ds), 'images_valid': len(dls.valid_ds), 'tags': dls.vocab,
+    learn.recorder.plot_fits(title=f"Planet: loss over the whole run ({' then '.join(map(str, sizes))} px)")
+    save_fig(out/'loss.png')
+    results = {'data': show_path(path), 'out': str(out), 'images_train': len(dls.train_ds), 'images_valid': len(dls.valid_ds), 'tags': dls.vocab,
                'arch': arch, 'pretrained': pretrained, 'sizes': sizes, 'epochs_per_stage': epochs,
                'lr': lr, 'lr_big': lr_big, 'threshold': thresh, 'f2': f2, 'f2_at_0.2': float(scores[np.argmin(abs(threshs - 0.2))]),
                'f2_baseline_clear_primary': baseline_f2(targs, dls.vocab), 'history': history}
     results['model'] = str(learn.export('planet_export.pkl'))
+    has_test = (path/'sample_submission_v2.csv').exists()
+    results['submission'] = str(out/'submission.csv') if has_test else None
+    if has_test: planet_submission(learn, path, thresh, out/'submission.csv')
     write_run(out, results, planet_report(results))
     return results
 
-def _plot_history(history):
-    "Train and valid loss of every epoch of every stage."
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([h['train_loss'] for h in history], 'o-', label='train'); ax.plot([h['valid_loss'] for h in history], 'o-', label='valid')
-    ax.set_xlabel('epoch (all stages)'); ax.set_ylabel('loss'); ax.legend()
-
 def planet_report(r: dict) -> str:
-    "A short Markdown report of a `run_planet` result."
-    rows = '\n'.join(f"| {i} | {h['train_loss']:.4f} | {h['valid_loss']:.4f} | {h['fbeta']:.4f} | {h['time']:.1f}s |"
-                     for i, h in enumerate(r['history']))
+    "A short Markdown report of a `run_planet` result: setup, F2, a table of every epoch with its stage, the plots."
+    rows = '\n'.join(f"| {h.get('stage', '')} | {h['epoch']} | {h['train_loss']:.4f} | {h['valid_loss']:.4f} | {h['fbeta']:.4f} "
+                     f"| {h['time']:.1f}s |" for h in r['history'])
+    sub = f"Test-set predictions in Kaggle's format: `{Path(r['submission']).name}`.\n\n" if r.get('submission') else ''
     return (f"# Planet run\n\nData: `{r['data']}` ({r['images_train']} training, {r['images_valid']} validation images, "
             f"{len(r['tags'])} tags)\n\nModel: {r['arch']} ({'pretrained' if r['pretrained'] else 'from scratch'}), "
-            f"sizes {' then '.join(map(str, r['sizes']))}, {r['epochs_per_stage']} epoch(s) per stage, lr {r['lr']:.2e}"
-            + (f" then {r['lr_big']:.2e}" if r.get('lr_big') else '') + "\n\n"
+            f"sizes {' then '.join(map(str, r['sizes']))} px, {r['epochs_per_stage']} epoch(s) per stage, "
+            f"learning rate (lr_find's valley) {r['lr']:.2e}" + (f" then {r['lr_big']:.2e}" if r.get('lr_big') else '') + "\n\n"
             f"**F2 {r['f2']:.4f}** at threshold {r['threshold']:.2f} (at 0.2: {r['f2_at_0.2']:.4f}; always 'clear primary': "
             f"{r['f2_baseline_clear_primary']:.4f}). The threshold was chosen on the validation set, so this F2 is slightly "
-            f"optimistic.\n\n| epoch | train loss | valid loss | F2 | time |\n|---|---|---|---|---|\n{rows}\n\n"
+            f"optimistic.\n\n{sub}| stage | epoch | train loss | valid loss | F2 | time |\n|---|---|---|---|---|---|\n{rows}\n\n"
             f"![loss](loss.png) ![lr_find](lr_find.png)" + (" ![lr_find at the larger size](lr_find_big.png)" if r.get('lr_big') else '') + "\n")
 
 # %% ../../nbs/lessons/01_planet.ipynb #a596d610
 def planet_summary(r: dict) -> str:
     "The line `lessonlib planet` prints at the end of a run."
     return (f"F2 {r['f2']:.4f} at threshold {r['threshold']:.2f} (always 'clear primary': "
-            f"{r['f2_baseline_clear_primary']:.4f}); results in {Path(r['out']).resolve()}")
+            f"{r['f2_baseline_clear_primary']:.4f}); results in {show_path(Path(r['out']).resolve())}")
 
 register_lesson('planet', run_planet, 'train the Planet multi-label lesson end to end (the main job)',
                 option_help={'data': "'synth' (built in, no download), 'planet_tiny', 'planet' (the full Kaggle "

@@ -14,8 +14,8 @@ from ..core import data_dir
 from .core import item_rng, make_synth
 
 # %% auto #0
-__all__ = ['WEATHER', 'LAND', 'PLANET_TAGS', 'WEATHER_P', 'SYNTH_VERSION', 'sample_tags', 'value_noise', 'fractal_noise',
-           'draw_tile', 'planet_tile', 'make_planet']
+__all__ = ['WEATHER', 'LAND', 'PLANET_TAGS', 'WEATHER_P', 'SYNTH_VERSION', 'TEST_OFFSET', 'SAMPLE_TAGS', 'sample_tags',
+           'value_noise', 'fractal_noise', 'draw_tile', 'planet_tile', 'make_planet']
 
 # %% ../../nbs/synth/01_planet.ipynb #dfb4b158
 WEATHER = ('clear', 'partly_cloudy', 'haze', 'cloudy')
@@ -262,21 +262,36 @@ def planet_tile(i, seed=42, size=128):
 
 # %% ../../nbs/synth/01_planet.ipynb #645891c4
 SYNTH_VERSION = 1  # bump when the painting changes, so cached sets are made again
+TEST_OFFSET = 10**6  # test tile i is tile TEST_OFFSET + i: never one of the training tiles
+SAMPLE_TAGS = 'primary clear agriculture road water'   # what Kaggle's sample submission guesses for every image
 
-def _write_planet(folder, n, size, seed, quality):
-    "Paint `n` tiles into `folder/train-jpg` and write `folder/train_v2.csv`."
-    (folder/'train-jpg').mkdir(parents=True)
-    with open(folder/'train_v2.csv', 'w', newline='') as f:
-        w = csv.writer(f); w.writerow(['image_name', 'tags'])
-        for i in range(n):
-            tags, img = planet_tile(i, seed, size)
-            Image.fromarray(img).save(folder/'train-jpg'/f'train_{i}.jpg', quality=quality)
-            w.writerow([f'train_{i}', ' '.join(tags)])
+def _write_csv(fn, rows):
+    "Write `image_name,tags` rows to the CSV `fn`."
+    with open(fn, 'w', newline='') as f:
+        w = csv.writer(f); w.writerow(['image_name', 'tags']); w.writerows(rows)
+
+def _write_planet(folder, n, size, seed, quality, n_test=0):
+    "Paint `n` tiles into `folder/train-jpg` (labels in train_v2.csv) and `n_test` into `folder/test-jpg`."
+    rows = {'train': [], 'test': []}
+    for kind, count, offset in (('train', n, 0), ('test', n_test, TEST_OFFSET)):
+        (folder/f'{kind}-jpg').mkdir(parents=True)
+        for i in range(count):
+            tags, img = planet_tile(offset + i, seed, size)
+            Image.fromarray(img).save(folder/f'{kind}-jpg'/f'{kind}_{i}.jpg', quality=quality)
+            rows[kind].append([f'{kind}_{i}', ' '.join(tags)])
+    _write_csv(folder/'train_v2.csv', rows['train'])
+    if n_test:
+        _write_csv(folder/'sample_submission_v2.csv', [[name, SAMPLE_TAGS] for name, _ in rows['test']])
+        _write_csv(folder/'test_v2_solution.csv', rows['test'])
+
 
 # %% ../../nbs/synth/01_planet.ipynb #d3bf3d9e
-def make_planet(dest=None, n=1200, size=128, seed=42, force=False, quality=90) -> Path:
-    "Paint (or reuse) a Planet-like data set of `n` `size`-px tiles in `dest` (default `data_dir()/'planet_synth'`)."
+def make_planet(dest=None, n=1200, size=128, seed=42, force=False, quality=90, n_test=None) -> Path:
+    "Paint (or reuse) `n` training and `n_test` (default n/10) test Planet-like `size`-px tiles in `dest`."
     dest = Path(dest) if dest is not None else data_dir()/'planet_synth'
+    n_test = int(n) // 10 if n_test is None else int(n_test)
     params = dict(version=SYNTH_VERSION, n=int(n), size=int(size), seed=int(seed), quality=int(quality))
-    write = functools.partial(_write_planet, n=n, size=size, seed=seed, quality=quality)
+    if n_test: params['n_test'] = n_test    # without test tiles, the marker of sets made before there were any
+    write = functools.partial(_write_planet, n=n, size=size, seed=seed, quality=quality, n_test=n_test)
     return make_synth(dest, params, write, force=force, maker='make_planet')
+
