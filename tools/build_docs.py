@@ -184,7 +184,7 @@ def execute_notebooks(n_workers=2, only=None):
         futures = {f: pool.submit(build_docs._run_notebook, str(f), flags, str(cfg.config_path)) for f in files}
         for f, fut in futures.items():
             rel = f.relative_to(cfg.nbs_path.absolute()).as_posix()
-            try: outputs, secs, err = fut.result()
+            try: outputs, (secs, cpu), err = fut.result()
             except Exception as e: outputs, (secs, cpu), err = {}, (0.0, 0.0), f'the worker running it crashed: {e!r}'
             results[rel] = outputs
             print(f'{"FAILED" if err else "ok":6s} {secs:6.1f}s  nbs/{rel}  (CPU {cpu:.1f}s)', flush=True)
