@@ -140,7 +140,7 @@ def camvid_learner(dls, arch: str = 'resnet34', pretrained: bool = True, path='.
     return learn
 
 # %% ../../nbs/lessons/02_camvid.ipynb #e83538ab
-def camvid_stages(learn, epochs, lr: float, name: str, save: bool = True) -> list:
+def camvid_stages(learn, epochs, lr: float, name: str, save: bool = False) -> list:
     "Frozen: one cycle at slice(lr), pct_start 0.9; unfrozen: slice(lr/400, lr/4); `save` each. The history."
     e1, e2 = (epochs, epochs) if isinstance(epochs, int) else epochs
     history = []
