@@ -304,7 +304,8 @@ def test_malformed_content_length(tmp_path, headers, msg):
 @pytest.mark.parametrize('value', ['bytes garbage', 'bytes 10-5/100', 'items 0-1/2', '', 'bytes -5/100'])
 def test_malformed_content_range_on_resume(tmp_path, value):
     with serve({'/f': PAYLOAD}) as srv:
-        srv.cut['/f'] = [1000]   # the first answer stops early; the resumed (206) one has a broken Content-Range
+        (tmp_path/'f.part').write_bytes(PAYLOAD[:1000])    # a download cut short before; the resumed (206) answer
+        (tmp_path/'f.part.json').write_text(json.dumps({'url': f'{srv.url}/f', 'validator': '"v1"'}))  # is broken
         srv.headers['/f'] = {'Content-Range': value}
         with pytest.raises(DownloadError, match='malformed Content-Range'):
             download_url(f'{srv.url}/f', tmp_path/'f', wait=0)
