@@ -83,10 +83,12 @@ def test_command_reads_any_csv(tmp_path):
     rows = review_rows(120, seed=5)
     pd.DataFrame({'review': [r[1] for r in rows], 'sentiment': [r[0] for r in rows]}).to_csv(tmp_path/'my.csv', index=False)
     r = run('imdb', '--data', str(tmp_path/'my.csv'), '--text-col', 'review', '--label-col', 'sentiment', '--valid-col', '',
-            '--lm-epochs', '1', '--epochs', '1', '--bs', '8', '--out', str(tmp_path/'o'), '--cache', str(tmp_path/'c'))
+            '--lm-epochs', '1', '--epochs', '1', '--bs', '8', '--out', str(tmp_path/'o'), '--cache', str(tmp_path/'c'),
+            '--gradual')
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((tmp_path/'o'/'metrics.json').read_text())
     assert m['reviews_valid'] == 24
+    assert m['gradual'] and len(m['history']) == 4     # every stage of gradual unfreezing (3 stages + 1), not the last
     r = run('imdb', '--data', str(tmp_path/'my.csv'), '--out', str(tmp_path/'o2'))
     assert r.returncode != 0 and "no column 'text'" in r.stderr
 

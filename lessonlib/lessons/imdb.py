@@ -133,6 +133,10 @@ def _plot_history(lm_hist, clf_hist):
     return fig
 
 # %% ../../nbs/lessons/04_imdb.ipynb #3988cf53
+def _all_fits(learn) -> list:
+    "Every epoch of every fit of `learn` (each stage of gradual unfreezing), in order."
+    return [r for f in learn.recorder.fits for r in f['values']]
+
 def run_imdb(data: str = 'synth', epochs: int = 8, lm_epochs: int = 4, bs: int = 32, bptt: int = 48, emb: int = 64,
              hidden: int = 128, layers: int = 2, lr: float = 1e-2, lm_lr: float = 1e-2, drop_mult: float = 0.3,
              max_len: int = 400, min_freq: int = 2, max_vocab: int = 60000, seed: int = 42, out='imdb_out', n: int = 2000,
@@ -168,7 +172,7 @@ def run_imdb(data: str = 'synth', epochs: int = 8, lm_epochs: int = 4, bs: int =
            'lm_accuracy': lm.recorder.values[-1]['accuracy'] if lm.recorder.values else None,
            'accuracy': clf.recorder.values[-1]['accuracy'], 'baseline_accuracy_majority': base, 'baseline_majority_label': top,
            'lm_time_s': round(lm_s, 1), 'classifier_time_s': round(clf_s, 1),
-           'lm_history': lm.recorder.values, 'history': clf.recorder.values}
+           'lm_history': _all_fits(lm), 'history': _all_fits(clf)}
     if scratch:
         t = time.time()
         res['accuracy_from_scratch'] = train_classifier(cdls, config, epochs, lr, drop_mult, out, encoder=None).recorder.values[-1]['accuracy']
