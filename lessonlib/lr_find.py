@@ -14,8 +14,8 @@ from .callbacks import ProgressBar
 from .optim import set_hyper
 
 # %% auto #0
-__all__ = ['SUGGESTIONS', 'MARKERS', 'IPYWIDGETS_MIN', 'LRFinder', 'minimum', 'steep', 'valley', 'slide', 'SuggestedLRs',
-           'suggest_lrs', 'plot_lr_find', 'LRFinderWidget', 'widgets_unusable']
+__all__ = ['SUGGESTIONS', 'RACE_LO', 'RACE_HI', 'MARKERS', 'IPYWIDGETS_MIN', 'LRFinder', 'minimum', 'steep', 'valley', 'slide',
+           'SuggestedLRs', 'suggest_lrs', 'race_candidates', 'plot_lr_find', 'LRFinderWidget', 'widgets_unusable']
 
 # %% ../nbs/11_lr_find.ipynb #02b194fa
 class LRFinder(Callback):
@@ -102,6 +102,7 @@ class SuggestedLRs(NamedTuple):
     slide: float
     minimum: float
     steep: float
+    auto: float | None = None     # only with `lr_find(suggest='auto')`: the winner of a short race
 
 SUGGESTIONS = {'valley': valley, 'slide': slide, 'minimum': minimum, 'steep': steep}
 
@@ -124,8 +125,19 @@ def suggest_lrs(lrs, losses, skip_end: int = 5) -> SuggestedLRs:
                                       '(lower start_lr, or check the data and model give a finite loss)')
     return SuggestedLRs(**{k: f(lrs, losses) for k, f in SUGGESTIONS.items()})
 
+# %% ../nbs/11_lr_find.ipynb #5ca44f6e
+RACE_LO, RACE_HI = 0., 1.    # decades above `valley` spanned by the race (tuned on half the lr suite's tasks)
+
+def race_candidates(suggestions: SuggestedLRs, n: int = 3, lo: float = RACE_LO, hi: float = RACE_HI) -> list[float]:
+    "`n` rates evenly spaced (log scale) from valley×10**lo to valley×10**hi, shifted down to stay below the loss minimum."
+    if n < 1 or hi < lo: raise ValueError(f'race_candidates: need n >= 1 and lo <= hi, got n={n}, lo={lo}, hi={hi}')
+    top = min(suggestions.valley * 10 ** hi, suggestions.minimum * 10)     # `minimum` is the loss minimum's rate / 10
+    bottom = top / 10 ** (hi - lo)
+    return [float(v) for v in np.geomspace(bottom, top, n)] if n > 1 else [float(top)]
+
 # %% ../nbs/11_lr_find.ipynb #23ba4766
-MARKERS = {'valley': ('o', 'tab:red'), 'slide': ('s', 'tab:green'), 'minimum': ('^', 'tab:purple'), 'steep': ('v', 'tab:orange')}
+MARKERS = {'valley': ('o', 'tab:red'), 'slide': ('s', 'tab:green'), 'minimum': ('^', 'tab:purple'), 'steep': ('v', 'tab:orange'),
+           'auto': ('*', 'black')}
 
 def plot_lr_find(lrs, losses, suggestions: SuggestedLRs | None = None, skip_end: int = 5, ax=None,
                  chosen: float | None = None, title: str | None = None):
@@ -136,6 +148,7 @@ def plot_lr_find(lrs, losses, suggestions: SuggestedLRs | None = None, skip_end:
     lrs, losses = lrs[:n], losses[:n]
     ax.plot(lrs, losses)
     for name, lr in (suggestions._asdict().items() if suggestions else []):
+        if lr is None: continue
         m, c = MARKERS[name]
         ax.plot(lr, np.interp(np.log10(lr), np.log10(lrs), losses), m, color=c, markersize=8, label=f'{name}: {lr:.2e}')
     if chosen is not None: ax.axvline(chosen, color='k', ls='--', lw=1, label=f'chosen: {chosen:.2e}')
@@ -179,6 +192,7 @@ class LRFinderWidget:
         self.label, self.out = w.Label(self.readout()), w.Output()
         buttons = []
         for name, lr in self.suggestions._asdict().items():
+            if lr is None: continue
             b = w.Button(description=f'{name} {lr:.1e}', layout=w.Layout(width='120px'))
             b.on_click(lambda _, lr=lr: self.select(lr))
             buttons.append(b)
