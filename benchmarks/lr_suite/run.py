@@ -58,7 +58,7 @@ def train(task, data, seed, lr):
 
 
 def job(spec):
-    "One unit of work: a grid point, or the lr_find sweep + the automatic pick + training at every suggestion."
+    "One unit of work: a grid point; the lr_find sweep + training at every suggestion; or the automatic pick + training."
     import torch
     torch.set_num_threads(1)
     from tasks import TASKS
@@ -70,24 +70,30 @@ def job(spec):
         return [dict(base, kind='grid', rule='grid', lr=spec[3], **train(task, data, seed, spec[3]))]
     learn = _learner(task, seed, data)
     t = time.perf_counter()
-    auto = hasattr(learn, 'lr_find') and 'suggest' in learn.lr_find.__code__.co_varnames
-    sugg = learn.lr_find(show_plot=False, **({'suggest': 'auto'} if auto else {}))
-    secs = time.perf_counter() - t
-    f = learn.lr_finder
-    out = [dict(base, kind='lr_find', rule='lr_find', seconds=secs, steps=len(f.lrs), lrs=list(map(float, f.lrs)),
-                losses=list(map(float, f.losses)), suggestions={k: v for k, v in sugg._asdict().items() if v})]
-    if auto:
+    if kind == 'auto':
+        from lessonlib import lr_find as lf
+        budget = task.epochs * len(learn.dls.train)
+        sugg = learn.lr_find(show_plot=False, suggest='auto', race_steps=min(2 * 100 // 3, budget))
         a = learn.lr_auto
-        out.append(dict(base, kind='race', rule='auto', seconds=a.seconds, steps=a.steps, lr=a.lr,
-                        candidates=a.candidates, scores=a.scores))
-    rates = {k: getattr(sugg, k) for k in CURVE} | FIXED | ({'auto': sugg.auto} if auto else {})
+        rec = dict(base, kind='race', rule='auto', seconds=time.perf_counter() - t, race_seconds=a.seconds,
+                   steps=a.steps * len(a.candidates), lr=a.lr, candidates=a.candidates, scores=a.scores,
+                   lo=lf.RACE_LO, hi=lf.RACE_HI)
+        return [rec, dict(base, kind='suggestion', rule='auto', lr=a.lr, lo=lf.RACE_LO, hi=lf.RACE_HI,
+                          **train(task, data, seed, a.lr))]
+    sugg = learn.lr_find(show_plot=False)
+    f = learn.lr_finder
+    out = [dict(base, kind='lr_find', rule='lr_find', seconds=time.perf_counter() - t, steps=len(f.lrs),
+                lrs=list(map(float, f.lrs)), losses=list(map(float, f.losses)),
+                suggestions={k: v for k, v in sugg._asdict().items() if v})]
+    rates = {k: getattr(sugg, k) for k in CURVE} | FIXED
     for rule, lr in rates.items():
         out.append(dict(base, kind='suggestion', rule=rule, lr=lr, **train(task, data, seed, lr)))
     return out
 
 
 def specs(tasks, seeds, grid):
-    return ([('suggest', t, s) for t in tasks for s in seeds] + [('grid', t, s, lr) for t in tasks for s in seeds for lr in grid])
+    return ([(k, t, s) for k in ('suggest', 'auto') for t in tasks for s in seeds]
+            + [('grid', t, s, lr) for t in tasks for s in seeds for lr in grid])
 
 
 def done(out: Path) -> set:
@@ -95,7 +101,8 @@ def done(out: Path) -> set:
     if out.exists():
         for line in out.read_text().splitlines():
             r = json.loads(line)
-            keys.add((r['kind'] if r['kind'] == 'grid' else 'suggest', r['task'], r['seed']) + ((r['lr'],) if r['kind'] == 'grid' else ()))
+            kind = {'grid': 'grid', 'lr_find': 'suggest', 'race': 'auto'}.get(r['kind'])
+            if kind: keys.add((kind, r['task'], r['seed']) + ((r['lr'],) if kind == 'grid' else ()))
     return keys
 
 
@@ -106,7 +113,7 @@ def main(argv=None):
     p.add_argument('--jobs', type=int, default=1, help='processes working at once (one thread each)')
     p.add_argument('--out', default=str(HERE/'results'/'runs.jsonl'))
     p.add_argument('--smoke', action='store_true', help='CI: the tiny task, 3 grid rates, one seed, a scratch file')
-    p.add_argument('--only', choices=['grid', 'suggest'], default=None, help='run only this kind of job')
+    p.add_argument('--only', choices=['grid', 'suggest', 'auto'], default=None, help='run only this kind of job')
     a = p.parse_args(argv)
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     from tasks import TASKS
