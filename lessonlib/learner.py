@@ -17,6 +17,7 @@ from .callbacks import (MixedPrecision, ParamScheduler, ProgressCallback, Record
                                  TerminateOnNaN, nonfinite_weights)
 from dataclasses import dataclass, field
 from .optim import set_hyper
+from . import lr_find as lf
 from .lr_find import LRFinder, LRFinderWidget, plot_lr_find, suggest_lrs, race_candidates
 
 # %% auto #0
@@ -331,11 +332,13 @@ def race(learn, candidates, steps: int) -> list[float]:
         if not had_opt: learn.opt = None
     return scores
 
-def auto_lr(learn, suggestions, steps: int | None = None, n: int = 3, curve=((), ())) -> AutoLR:
-    "Race `n` candidates bracketed by the lr_find `suggestions`; the winner (lowest validation loss) and the evidence."
+def auto_lr(learn, suggestions, steps: int | None = None, n: int | None = None, lo: float | None = None,
+            hi: float | None = None, curve=((), ())) -> AutoLR:
+    "Race `n` candidates bracketed by the lr_find `suggestions` (`race_candidates`); the winner and the evidence."
     if learn.dls.valid is None: raise ValueError("lr_find(suggest='auto') needs a validation set to judge the race")
-    cands = race_candidates(suggestions, n)
-    steps = steps or max(1, 2 * len(curve[0]) // n) or 66
+    n, lo, hi = (lf.RACE_N if n is None else n), (lf.RACE_LO if lo is None else lo), (lf.RACE_HI if hi is None else hi)
+    cands = race_candidates(suggestions, n, lo, hi)
+    steps = steps or max(1, 2 * (len(curve[0]) or 100) // n)
     t = time.perf_counter()
     scores = race(learn, cands, steps)
     best = int(np.argmin(scores)) if np.isfinite(scores).any() else 0

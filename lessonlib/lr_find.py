@@ -14,8 +14,9 @@ from .callbacks import ProgressBar
 from .optim import set_hyper
 
 # %% auto #0
-__all__ = ['SUGGESTIONS', 'RACE_LO', 'RACE_HI', 'MARKERS', 'IPYWIDGETS_MIN', 'LRFinder', 'minimum', 'steep', 'valley', 'slide',
-           'SuggestedLRs', 'suggest_lrs', 'race_candidates', 'plot_lr_find', 'LRFinderWidget', 'widgets_unusable']
+__all__ = ['SUGGESTIONS', 'RACE_N', 'RACE_LO', 'RACE_HI', 'MARKERS', 'IPYWIDGETS_MIN', 'LRFinder', 'minimum', 'steep', 'valley',
+           'slide', 'SuggestedLRs', 'suggest_lrs', 'race_candidates', 'plot_lr_find', 'LRFinderWidget',
+           'widgets_unusable']
 
 # %% ../nbs/11_lr_find.ipynb #02b194fa
 class LRFinder(Callback):
@@ -126,14 +127,13 @@ def suggest_lrs(lrs, losses, skip_end: int = 5) -> SuggestedLRs:
     return SuggestedLRs(**{k: f(lrs, losses) for k, f in SUGGESTIONS.items()})
 
 # %% ../nbs/11_lr_find.ipynb #5ca44f6e
-RACE_LO, RACE_HI = 0., 1.    # decades above `valley` spanned by the race (tuned on half the lr suite's tasks)
+RACE_N, RACE_LO, RACE_HI = 3, 0., 1.    # candidates, and the decades above `valley` they span (tuned on the lr suite)
 
-def race_candidates(suggestions: SuggestedLRs, n: int = 3, lo: float = RACE_LO, hi: float = RACE_HI) -> list[float]:
-    "`n` rates evenly spaced (log scale) from valley×10**lo to valley×10**hi, shifted down to stay below the loss minimum."
+def race_candidates(suggestions: SuggestedLRs, n: int = RACE_N, lo: float = RACE_LO, hi: float = RACE_HI) -> list[float]:
+    "`n` rates evenly spaced on the log scale from `valley × 10**lo` to `valley × 10**hi`."
     if n < 1 or hi < lo: raise ValueError(f'race_candidates: need n >= 1 and lo <= hi, got n={n}, lo={lo}, hi={hi}')
-    top = min(suggestions.valley * 10 ** hi, suggestions.minimum * 10)     # `minimum` is the loss minimum's rate / 10
-    bottom = top / 10 ** (hi - lo)
-    return [float(v) for v in np.geomspace(bottom, top, n)] if n > 1 else [float(top)]
+    v = suggestions.valley
+    return [float(x) for x in np.geomspace(v * 10 ** lo, v * 10 ** hi, n)] if n > 1 else [float(v * 10 ** hi)]
 
 # %% ../nbs/11_lr_find.ipynb #23ba4766
 MARKERS = {'valley': ('o', 'tab:red'), 'slide': ('s', 'tab:green'), 'minimum': ('^', 'tab:purple'), 'steep': ('v', 'tab:orange'),

@@ -72,14 +72,16 @@ def job(spec):
     t = time.perf_counter()
     if kind == 'auto':
         from lessonlib import lr_find as lf
+        from lessonlib.learner import auto_lr
+        n, lo, hi = spec[3] or (lf.RACE_N, lf.RACE_LO, lf.RACE_HI)
+        rule = f'auto[{n},{lo:g},{hi:g}]' if spec[3] else 'auto'
+        sugg = learn.lr_find(show_plot=False)
+        f = learn.lr_finder
         budget = task.epochs * len(learn.dls.train)
-        sugg = learn.lr_find(show_plot=False, suggest='auto', race_steps=min(2 * 100 // 3, budget))
-        a = learn.lr_auto
-        rec = dict(base, kind='race', rule='auto', seconds=time.perf_counter() - t, race_seconds=a.seconds,
-                   steps=a.steps * len(a.candidates), lr=a.lr, candidates=a.candidates, scores=a.scores,
-                   lo=lf.RACE_LO, hi=lf.RACE_HI)
-        return [rec, dict(base, kind='suggestion', rule='auto', lr=a.lr, lo=lf.RACE_LO, hi=lf.RACE_HI,
-                          **train(task, data, seed, a.lr))]
+        a = auto_lr(learn, sugg, min(2 * 100 // n, budget), n, lo, hi, curve=(f.lrs, f.losses))
+        rec = dict(base, kind='race', rule=rule, seconds=time.perf_counter() - t, race_seconds=a.seconds,
+                   steps=a.steps * len(a.candidates), lr=a.lr, candidates=a.candidates, scores=a.scores, n=n, lo=lo, hi=hi)
+        return [rec, dict(base, kind='suggestion', rule=rule, lr=a.lr, n=n, lo=lo, hi=hi, **train(task, data, seed, a.lr))]
     sugg = learn.lr_find(show_plot=False)
     f = learn.lr_finder
     out = [dict(base, kind='lr_find', rule='lr_find', seconds=time.perf_counter() - t, steps=len(f.lrs),
@@ -91,8 +93,8 @@ def job(spec):
     return out
 
 
-def specs(tasks, seeds, grid):
-    return ([(k, t, s) for k in ('suggest', 'auto') for t in tasks for s in seeds]
+def specs(tasks, seeds, grid, race=None):
+    return ([('suggest', t, s) for t in tasks for s in seeds] + [('auto', t, s, race) for t in tasks for s in seeds]
             + [('grid', t, s, lr) for t in tasks for s in seeds for lr in grid])
 
 
@@ -102,7 +104,9 @@ def done(out: Path) -> set:
         for line in out.read_text().splitlines():
             r = json.loads(line)
             kind = {'grid': 'grid', 'lr_find': 'suggest', 'race': 'auto'}.get(r['kind'])
-            if kind: keys.add((kind, r['task'], r['seed']) + ((r['lr'],) if kind == 'grid' else ()))
+            if kind == 'auto':
+                keys.add(('auto', r['task'], r['seed'], None if r['rule'] == 'auto' else (r['n'], r['lo'], r['hi'])))
+            elif kind: keys.add((kind, r['task'], r['seed']) + ((r['lr'],) if kind == 'grid' else ()))
     return keys
 
 
@@ -114,6 +118,8 @@ def main(argv=None):
     p.add_argument('--out', default=str(HERE/'results'/'runs.jsonl'))
     p.add_argument('--smoke', action='store_true', help='CI: the tiny task, 3 grid rates, one seed, a scratch file')
     p.add_argument('--only', choices=['grid', 'suggest', 'auto'], default=None, help='run only this kind of job')
+    p.add_argument('--race', default=None, help="N,LO,HI: race N candidates over valley*10**LO..valley*10**HI instead of "
+                   "the library's defaults (for tuning; recorded as the rule auto[N,LO,HI])")
     a = p.parse_args(argv)
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     from tasks import TASKS
@@ -123,7 +129,11 @@ def main(argv=None):
     if a.smoke: names, grid, seeds = ['tiny'], GRID[3::4], [0]
     out = Path(a.out); out.parent.mkdir(parents=True, exist_ok=True)
     have = done(out)
-    todo = [s for s in specs(names, seeds, grid) if s not in have and (a.only is None or s[0] == a.only)]
+    race = None
+    if a.race:
+        n, lo, hi = a.race.split(',')
+        race = (int(n), float(lo), float(hi))
+    todo = [s for s in specs(names, seeds, grid, race) if s not in have and (a.only is None or s[0] == a.only)]
     print(f'{len(todo)} jobs to run ({len(have)} already in {out})', flush=True)
     for n in dict.fromkeys(s[1] for s in todo): TASKS[n].data()          # build caches once, before the workers
     t0 = time.perf_counter()

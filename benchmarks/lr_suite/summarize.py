@@ -101,7 +101,8 @@ def tune(s: Suite):
 def table(s: Suite) -> str:
     rr = s.rule_regrets()
     tasks = list(s.tasks)
-    rules = [r for r in RULES if any(r in rr[t] for t in tasks)]
+    tried = sorted({r for t in tasks for r in rr[t] if r.startswith('auto[')})     # race settings tried while tuning
+    rules = [r for r in RULES + tried if any(r in rr[t] for t in tasks)]
     lines = ['| task | ' + ' | '.join(rules) + ' |', '|---' * (len(rules) + 1) + '|']
     for t in tasks:
         cells = [f"{rr[t][r][0]:.3f}" if r in rr[t] else '' for r in rules]
@@ -118,7 +119,7 @@ def table(s: Suite) -> str:
 
 def costs(s: Suite) -> str:
     lf = [r for r in s.runs if r['kind'] == 'lr_find']
-    rc = [r for r in s.runs if r['kind'] == 'race']
+    rc = [r for r in s.runs if r['kind'] == 'race' and r['rule'] == 'auto']
     tr = defaultdict(list)
     for r in s.runs:
         if r['kind'] in ('grid', 'suggestion') and 'steps' in r: tr[r['task']].append(r['seconds'] / r['steps'])
