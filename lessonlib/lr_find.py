@@ -14,8 +14,8 @@ from .callbacks import ProgressBar
 from .optim import set_hyper
 
 # %% auto #0
-__all__ = ['SUGGESTIONS', 'RACE_N', 'RACE_LO', 'RACE_HI', 'MARKERS', 'IPYWIDGETS_MIN', 'LRFinder', 'minimum', 'steep', 'valley',
-           'slide', 'SuggestedLRs', 'suggest_lrs', 'race_candidates', 'plot_lr_find', 'LRFinderWidget',
+__all__ = ['SUGGESTIONS', 'MARKERS', 'RACE_N', 'RACE_LO', 'RACE_HI', 'IPYWIDGETS_MIN', 'LRFinder', 'minimum', 'steep', 'valley',
+           'slide', 'SuggestedLRs', 'suggest_lrs', 'plot_lr_find', 'race_candidates', 'LRFinderWidget',
            'widgets_unusable']
 
 # %% ../nbs/11_lr_find.ipynb #02b194fa
@@ -126,15 +126,6 @@ def suggest_lrs(lrs, losses, skip_end: int = 5) -> SuggestedLRs:
                                       '(lower start_lr, or check the data and model give a finite loss)')
     return SuggestedLRs(**{k: f(lrs, losses) for k, f in SUGGESTIONS.items()})
 
-# %% ../nbs/11_lr_find.ipynb #5ca44f6e
-RACE_N, RACE_LO, RACE_HI = 3, 0., 1.    # candidates, and the decades above `valley` they span (tuned on the lr suite)
-
-def race_candidates(suggestions: SuggestedLRs, n: int = RACE_N, lo: float = RACE_LO, hi: float = RACE_HI) -> list[float]:
-    "`n` rates evenly spaced on the log scale from `valley × 10**lo` to `valley × 10**hi`."
-    if n < 1 or hi < lo: raise ValueError(f'race_candidates: need n >= 1 and lo <= hi, got n={n}, lo={lo}, hi={hi}')
-    v = suggestions.valley
-    return [float(x) for x in np.geomspace(v * 10 ** lo, v * 10 ** hi, n)] if n > 1 else [float(v * 10 ** hi)]
-
 # %% ../nbs/11_lr_find.ipynb #23ba4766
 MARKERS = {'valley': ('o', 'tab:red'), 'slide': ('s', 'tab:green'), 'minimum': ('^', 'tab:purple'), 'steep': ('v', 'tab:orange'),
            'auto': ('*', 'black')}
@@ -156,6 +147,15 @@ def plot_lr_find(lrs, losses, suggestions: SuggestedLRs | None = None, skip_end:
     if title: ax.set_title(title)
     if suggestions or chosen is not None: ax.legend()
     return ax
+
+# %% ../nbs/11_lr_find.ipynb #5ca44f6e
+RACE_N, RACE_LO, RACE_HI = 3, 0., 1.    # candidates, and the decades above `valley` they span (tuned on the lr suite)
+
+def race_candidates(suggestions: SuggestedLRs, n: int = RACE_N, lo: float = RACE_LO, hi: float = RACE_HI) -> list[float]:
+    "`n` rates evenly spaced on the log scale from `valley × 10**lo` to `valley × 10**hi`."
+    if n < 1 or hi < lo: raise ValueError(f'race_candidates: need n >= 1 and lo <= hi, got n={n}, lo={lo}, hi={hi}')
+    v = suggestions.valley
+    return [float(x) for x in np.geomspace(v * 10 ** lo, v * 10 ** hi, n)] if n > 1 else [float(v * 10 ** hi)]
 
 # %% ../nbs/11_lr_find.ipynb #4e717820
 class LRFinderWidget:
