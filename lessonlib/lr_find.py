@@ -247,6 +247,7 @@ class LRFinderWidget:
                                        layout=w.Layout(width='500px'))
         self.slider.observe(self._on_slide, names='value')
         self._redraw()
+        self.image.layout = w.Layout(width=f'{self.fig.bbox.width:.0f}px', max_width='100%')   # as drawn, not stretched
         self.box = w.VBox([self.image, w.HBox(buttons), self.slider, self.label])
         return self.box
 

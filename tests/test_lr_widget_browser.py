@@ -60,9 +60,13 @@ def _wait(what, fn, timeout, every=0.25):
     pytest.fail(f'timed out after {timeout}s waiting for {what}')
 
 
-@pytest.fixture
-def lab(tmp_path):
-    "A JupyterLab server on 127.0.0.1 (free port, token) serving a temporary folder with the notebook; yields its URL."
+FRONT_ENDS = {'lab': ('jupyterlab', ['--LabApp.news_url=None', '--LabApp.expose_app_in_browser=True'], 'lab/tree'),
+              'notebook7': ('notebook', ['--JupyterNotebookApp.expose_app_in_browser=True'], 'notebooks')}
+
+
+@pytest.fixture(params=os.environ.get('LESSONLIB_WIDGET_FRONT_ENDS', 'lab').split(','))
+def lab(tmp_path, request):
+    "A JupyterLab (or Notebook 7) server on 127.0.0.1 (free port, token) serving a temporary folder with the notebook; yields its URL."
     root = tmp_path/'root'; root.mkdir()
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
@@ -77,10 +81,12 @@ def lab(tmp_path):
                JUPYTER_RUNTIME_DIR=str(tmp_path/'runtime'), JUPYTERLAB_SETTINGS_DIR=str(tmp_path/'settings'),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp_path/'workspaces'))
     log = open(tmp_path/'lab.log', 'w')
-    proc = subprocess.Popen([sys.executable, '-m', 'jupyterlab', '--no-browser', '--ServerApp.ip=127.0.0.1',
+    module, app_args, tree = FRONT_ENDS[request.param]
+    if module != 'jupyterlab': pytest.importorskip(module)
+    proc = subprocess.Popen([sys.executable, '-m', module, '--no-browser', '--ServerApp.ip=127.0.0.1',
                              f'--ServerApp.port={port}', '--ServerApp.port_retries=0', f'--IdentityProvider.token={token}',
-                             f'--ServerApp.root_dir={root}', '--ServerApp.allow_root=True', '--LabApp.news_url=None',
-                             '--LabApp.expose_app_in_browser=True'], env=env, stdout=log, stderr=subprocess.STDOUT)
+                             f'--ServerApp.root_dir={root}', '--ServerApp.allow_root=True', *app_args],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f'http://127.0.0.1:{port}'
     def up():
         if proc.poll() is not None:
@@ -89,7 +95,7 @@ def lab(tmp_path):
         except OSError: return False
     try:
         _wait('JupyterLab to start', up, 40)
-        yield f'{base}/lab/tree/lr.ipynb?token={token}'
+        yield f'{base}/{tree}/lr.ipynb?token={token}'
     finally:
         try: urllib.request.urlopen(urllib.request.Request(f'{base}/api/shutdown?token={token}', method='POST'), timeout=5)
         except OSError: pass
