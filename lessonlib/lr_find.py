@@ -132,7 +132,7 @@ MARKERS = {'valley': ('o', 'tab:red'), 'slide': ('s', 'tab:green'), 'minimum': (
 OTHER_MARKER = ('D', 'tab:gray')     # for a suggestion that has no marker of its own
 
 def suggested(suggestions) -> dict:
-    "The suggestions that hold a value, by name, in order (a `SuggestedLRs`, any named tuple or a dict; None skipped)."
+    "The suggestions that hold a value, by name, in order (from a named tuple or a dict; None skipped)."
     if suggestions is None: return {}
     d = suggestions._asdict() if hasattr(suggestions, '_asdict') else dict(suggestions)
     return {name: float(lr) for name, lr in d.items() if lr is not None}
@@ -144,7 +144,7 @@ def _legend(ax):
 def plot_lr_find(lrs, losses, suggestions: SuggestedLRs | None = None, skip_end: int = 5, ax=None,
                  chosen: float | None = None, title: str | None = None):
     "Plot loss against learning rate (log scale), marking the suggestions (and the `chosen` rate, a dashed line)."
-    if ax is None: ax = plt.subplots(figsize=(7.5, 4), layout='constrained')[1]   # the layout makes room for the legend
+    if ax is None: ax = plt.subplots(figsize=(7.5, 4), layout='constrained')[1]   # room for the legend
     lrs, losses = _finite(lrs, losses)
     n = max(len(lrs) - skip_end, 1)
     lrs, losses = lrs[:n], losses[:n]
@@ -165,6 +165,7 @@ WIDGET_VIEW = 'application/vnd.jupyter.widget-view+json'   # the mimetype Jupyte
 class LRFinderWidget:
     "An ipywidgets lr-finder plot: buttons for the suggestions and a log slider; `.lr` is the chosen value."
     steps = 200                 # slider positions over the range
+    static_copy = True          # show() adds a PNG for static renderers; False: the widget alone
     def __init__(self, lrs, losses, suggestions: SuggestedLRs, skip_end: int = 5):
         lrs, losses = _finite(lrs, losses)
         n = max(len(lrs) - skip_end, 1)
@@ -192,7 +193,7 @@ class LRFinderWidget:
         return self.lr
 
     def _on_slide(self, change):
-        "The slider moved: a drag chooses its value; the front end's snapped copy of `lr` (within half a step) is ignored."
+        "The slider moved: a drag chooses its value; the snapped copy of `lr` (within half a step) is ignored."
         if self._syncing: return
         new = float(change['new'])
         if abs(math.log10(new) - math.log10(self.lr)) <= self.step * (0.5 + 1e-6): return
@@ -207,7 +208,8 @@ class LRFinderWidget:
         "Lay the figure out and draw all but the chosen line and the legend, once: redraws start from these pixels."
         self.fig = Figure(figsize=(7.5, 4), dpi=96, layout='constrained')
         FigureCanvasAgg(self.fig)
-        ax = plot_lr_find(self.lrs, self.losses, self.suggestions, skip_end=0, ax=self.fig.add_subplot(), chosen=self.lr)
+        ax = plot_lr_find(self.lrs, self.losses, self.suggestions, skip_end=0, ax=self.fig.add_subplot(),
+                          chosen=self.lr)
         self._line = ax.lines[-1]
         self.fig.canvas.draw()                         # the layout makes room for the legend ...
         self.fig.set_layout_engine('none')             # ... and stays as it is from now on
@@ -216,7 +218,7 @@ class LRFinderWidget:
         self._base = self.fig.canvas.copy_from_bbox(self.fig.bbox)
 
     def png(self, full: bool = False) -> bytes:
-        "The plot with the chosen rate as PNG bytes: the kept base, the dashed line and legend on top (`full`: all drawn)."
+        "The plot as PNG bytes: the kept base, the dashed line and legend drawn on top (`full`: everything drawn)."
         if self.fig is None: self._draw_base()
         canvas, ax = self.fig.canvas, self._line.axes
         self._line.set_xdata([self.lr, self.lr]); self._line.set_label(f'chosen: {self.lr:.2e}')
@@ -239,7 +241,8 @@ class LRFinderWidget:
         self.image, self.label = w.Image(format='png'), w.Label()
         buttons = []
         for name, lr in suggested(self.suggestions).items():
-            b = w.Button(description=f'{name} {lr:.1e}', tooltip=f'choose lr = {lr!r}', layout=w.Layout(width='auto'))
+            b = w.Button(description=f'{name} {lr:.1e}', tooltip=f'choose lr = {lr!r}',
+                         layout=w.Layout(width='auto'))   # as wide as its label
             b.on_click(lambda _, lr=lr, name=name: self.select(lr, name))
             buttons.append(b)
         self.slider = w.FloatLogSlider(value=self.lr, base=10, min=math.log10(self.lo), max=math.log10(self.hi),
@@ -247,7 +250,7 @@ class LRFinderWidget:
                                        layout=w.Layout(width='500px'))
         self.slider.observe(self._on_slide, names='value')
         self._redraw()
-        self.image.layout = w.Layout(width=f'{self.fig.bbox.width:.0f}px', max_width='100%')   # as drawn, not stretched
+        self.image.layout = w.Layout(width=f'{self.fig.bbox.width:.0f}px', max_width='100%')   # not stretched
         self.box = w.VBox([self.image, w.HBox(buttons), self.slider, self.label])
         return self.box
 
@@ -258,13 +261,13 @@ class LRFinderWidget:
         self.label.value = self.readout()
 
     def display_data(self) -> dict:
-        "The widget (built if needed) as one display's data: the live view, and a PNG with text for static renderers."
+        "The widget (built if needed) as one display's data: the live view; a PNG and text for static renderers."
         box = self.box if self.image is not None else self.build()
         get = getattr(box, '_repr_mimebundle_', None)           # ipywidgets 8; 7 has no such method
         data = dict(get() or {}) if get else {}
         if WIDGET_VIEW not in data:                             # what ipywidgets 7 publishes in _ipython_display_
             data[WIDGET_VIEW] = {'version_major': 2, 'version_minor': 0, 'model_id': box.model_id}
-        data['image/png'] = base64.b64encode(self.png()).decode('ascii')
+        if self.static_copy: data['image/png'] = base64.b64encode(self.png()).decode('ascii')
         data['text/plain'] = self.readout()
         return data
 

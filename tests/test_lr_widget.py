@@ -55,16 +55,17 @@ def test_one_redraw_per_change(curve):
     assert wdg.redraws == 1
     steep = box.children[1].children[list(sugg._fields).index('steep')]
     steep.click()
-    assert wdg.redraws == 2                                       # the click; the slider following it is not a change
+    assert wdg.redraws == 2                 # the click; the slider following it is not a change
     wdg.slider.set_state({'value': _grid(wdg.slider, sugg.steep)})
     assert wdg.redraws == 2                                       # nor is the browser's echo
     k = round((math.log10(sugg.steep) - wdg.slider.min) / wdg.slider.step)
     wdg.slider.set_state({'value': 10 ** (wdg.slider.min + (k + 3) * wdg.slider.step)})   # a drag
-    assert wdg.redraws == 3 and wdg.lr == pytest.approx(10 ** (wdg.slider.min + (k + 3) * wdg.slider.step), rel=1e-12)
+    assert wdg.redraws == 3
+    assert wdg.lr == pytest.approx(10 ** (wdg.slider.min + (k + 3) * wdg.slider.step), rel=1e-12)
 
 
 def test_legend_outside_the_axes(curve):
-    "The legend sits right of the axes (never over the curve) and inside the figure, in the static plot and the widget's."
+    "The legend sits right of the axes (never over the curve), inside the figure: static plot and widget."
     lrs, losses, sugg = curve
     static = plot_lr_find(lrs, losses, sugg, chosen=1e-3)
     static.figure.draw_without_rendering()
@@ -95,7 +96,8 @@ NOTEBOOK = [
     "x = torch.randn(512, 2); y = (x[:, 0] > 0).long()\n"
     "dls = DataLoaders(DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, drop_last=True),\n"
     "                  DataLoader(TensorDataset(x, y), batch_size=128))\n"
-    "learn = Learner(dls, nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2)), loss_func=F.cross_entropy)\n"
+    "model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))\n"
+    "learn = Learner(dls, model, loss_func=F.cross_entropy)\n"
     "sugg = learn.lr_find(interactive=True)",
     "print('LR', repr(learn.lr_widget.lr), repr(sugg.valley))",
 ]
@@ -110,13 +112,15 @@ def tiny_notebook():
 
 
 def test_executed_notebook_holds_png(tmp_path, monkeypatch):
-    "Run by nbclient (what `jupyter nbconvert --execute` uses): the widget's output holds a PNG a static page can show."
+    "Run by nbclient (as `jupyter nbconvert --execute` does): the widget's output holds a PNG for static pages."
     nbclient = pytest.importorskip('nbclient')
     pytest.importorskip('ipykernel')
     monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     nb = tiny_notebook()
-    nbclient.NotebookClient(nb, timeout=120, kernel_name='python3', resources={'metadata': {'path': str(tmp_path)}}).execute()
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name='python3',
+                                     resources={'metadata': {'path': str(tmp_path)}})
+    client.execute()
     shown = [o for o in nb.cells[1].outputs if o.output_type == 'display_data' and WIDGET_VIEW in o.data]
     assert len(shown) == 1, [o.get('data', {}).keys() for o in nb.cells[1].outputs]
     data = shown[0].data
@@ -128,7 +132,7 @@ def test_executed_notebook_holds_png(tmp_path, monkeypatch):
     assert lr == valley, printed                                  # no browser: nothing moved it
     # a static page without the widget's saved state (the docs build, viewers without widget support) shows the PNG
     from nbconvert import HTMLExporter
-    assert 'widgets' in nb.metadata                               # nbclient saved the state: a page with it draws the widget
+    assert 'widgets' in nb.metadata         # nbclient saved the state: a page with it draws the widget
     del nb.metadata['widgets']
     body, _ = HTMLExporter(template_name='basic').from_notebook_node(nb)
     assert 'data:image/png;base64,' + data['image/png'][:40] in body.replace('\n', '')

@@ -1,6 +1,6 @@
-"""The lr-finder widget in a real JupyterLab, driven by headless chromium: a click on a suggestion makes the kernel's
-`learn.lr_widget.lr` exactly that suggestion (the browser's slider snaps values to its grid and sends them back),
-drawing the widget changes nothing, a click redraws once, and the buttons show their whole labels.
+"""The lr-finder widget in a real JupyterLab, driven by headless chromium: a click on a suggestion makes the
+kernel's `learn.lr_widget.lr` exactly that suggestion (the browser's slider snaps values to its grid and sends
+them back), drawing the widget changes nothing, a click redraws once, and the buttons show their whole labels.
 
 Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium chromium-driver`), selenium and jupyterlab
 (`pip install jupyterlab`); skipped with the reason when one is missing. Set LESSONLIB_WIDGET_SCREENSHOT=file.png
@@ -25,7 +25,8 @@ CELLS = [
     "x = torch.randn(512, 2); y = (x[:, 0] > 0).long()\n"
     "dls = DataLoaders(DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, drop_last=True),\n"
     "                  DataLoader(TensorDataset(x, y), batch_size=128))\n"
-    "learn = Learner(dls, nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2)), loss_func=F.cross_entropy)\n"
+    "model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))\n"
+    "learn = Learner(dls, model, loss_func=F.cross_entropy)\n"
     "sugg = learn.lr_find(interactive=True)",
     "w = learn.lr_widget\nprint('STATE', repr(w.lr), repr(sugg.valley), repr(sugg.steep), w.redraws)",
     "print('STATE', repr(w.lr), repr(sugg.valley), repr(sugg.steep), w.redraws)",
@@ -66,7 +67,7 @@ FRONT_ENDS = {'lab': ('jupyterlab', ['--LabApp.news_url=None', '--LabApp.expose_
 
 @pytest.fixture(params=os.environ.get('LESSONLIB_WIDGET_FRONT_ENDS', 'lab').split(','))
 def lab(tmp_path, request):
-    "A JupyterLab (or Notebook 7) server on 127.0.0.1 (free port, token) serving a temporary folder with the notebook; yields its URL."
+    "JupyterLab (or Notebook 7) on 127.0.0.1 (free port, token) serving a folder with the notebook: its URL."
     root = tmp_path/'root'; root.mkdir()
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
@@ -74,7 +75,8 @@ def lab(tmp_path, request):
     nbformat.write(nb, root/'lr.ipynb')
     settings = tmp_path/'settings'/'@jupyterlab'/'apputils-extension'
     settings.mkdir(parents=True)
-    (settings/'notification.jupyterlab-settings').write_text(json.dumps({'fetchNews': 'false', 'checkForUpdates': False}))
+    no_news = {'fetchNews': 'false', 'checkForUpdates': False}
+    (settings/'notification.jupyterlab-settings').write_text(json.dumps(no_news))
     port, token = _free_port(), uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k != 'MPLBACKEND'}   # the kernel as a student has it
     env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')]), OMP_NUM_THREADS='1',
@@ -84,7 +86,8 @@ def lab(tmp_path, request):
     module, app_args, tree = FRONT_ENDS[request.param]
     if module != 'jupyterlab': pytest.importorskip(module)
     proc = subprocess.Popen([sys.executable, '-m', module, '--no-browser', '--ServerApp.ip=127.0.0.1',
-                             f'--ServerApp.port={port}', '--ServerApp.port_retries=0', f'--IdentityProvider.token={token}',
+                             f'--ServerApp.port={port}', '--ServerApp.port_retries=0',
+                             f'--IdentityProvider.token={token}',
                              f'--ServerApp.root_dir={root}', '--ServerApp.allow_root=True', *app_args],
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f'http://127.0.0.1:{port}'
@@ -97,7 +100,8 @@ def lab(tmp_path, request):
         _wait('JupyterLab to start', up, 40)
         yield f'{base}/{tree}/lr.ipynb?token={token}'
     finally:
-        try: urllib.request.urlopen(urllib.request.Request(f'{base}/api/shutdown?token={token}', method='POST'), timeout=5)
+        stop = urllib.request.Request(f'{base}/api/shutdown?token={token}', method='POST')
+        try: urllib.request.urlopen(stop, timeout=5)
         except OSError: pass
         try: proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -113,7 +117,8 @@ def browser():
     from selenium.webdriver.chrome.service import Service
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for a in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--window-size=1280,1100',
+    for a in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
+              '--window-size=1280,1100',
               '--disable-background-networking', '--disable-component-update', '--no-first-run'):
         opts.add_argument(a)
     drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
@@ -158,7 +163,8 @@ def test_click_in_jupyterlab_gives_exact_suggestion(lab, browser, tmp_path):
     buttons = lambda: browser.find_elements(By.CSS_SELECTOR, '.jp-OutputArea-output button')
     _wait('the widget\'s buttons', lambda: len(buttons()) >= 4, 20)
     _wait('the plot', lambda: browser.execute_script(
-        "const i = document.querySelector('.jp-OutputArea-output img'); return i && i.complete && i.naturalWidth"), 20)
+        "const i = document.querySelector('.jp-OutputArea-output img');"
+        "return i && i.complete && i.naturalWidth"), 20)
     time.sleep(2)                                         # time for the slider to draw and send back what it shows
     lr, valley, steep, redraws = _state(browser.execute_async_script(RUN_CELL, 2))
     assert lr == valley and redraws == 1, (lr, valley, redraws)   # drawing the widget chose nothing
@@ -169,8 +175,8 @@ def test_click_in_jupyterlab_gives_exact_suggestion(lab, browser, tmp_path):
     assert steep_button, [b.text for b in buttons()]
     t_click = time.time()
     steep_button[0].click()
-    _wait('the read-out to say steep', lambda: '(steep)' in browser.execute_script('return document.body.innerText'), 20,
-          every=0.02)
+    page_text = lambda: browser.execute_script('return document.body.innerText')
+    _wait('the read-out to say steep', lambda: '(steep)' in page_text(), 20, every=0.02)
     print(f'click to redrawn plot and read-out: {time.time() - t_click:.2f}s')
     time.sleep(2)                                         # time for the slider's snapped value to come back
     lr, valley, steep2, redraws = _state(browser.execute_async_script(RUN_CELL, 3))
