@@ -4,7 +4,8 @@ them back), drawing the widget changes nothing, a click redraws once, and the bu
 
 Needs `chromium` and `chromedriver` (Debian: `apt-get install chromium chromium-driver`), selenium and jupyterlab
 (`pip install jupyterlab`); skipped with the reason when one is missing. Set LESSONLIB_WIDGET_SCREENSHOT=file.png
-to keep a screenshot of the widget after the click.
+to keep a screenshot of the widget after the click; LESSONLIB_WIDGET_FRONT_ENDS=lab,notebook7 runs it in
+Notebook 7 too (`pip install notebook`).
 """
 import json, os, shutil, socket, subprocess, sys, time, urllib.request, uuid
 from pathlib import Path
