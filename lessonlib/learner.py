@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_learner.ipynb #e5a48bce
 from __future__ import annotations
-import collections, enum, functools, importlib, json, math, pickle, shutil, types, warnings, weakref
+import collections, copy, enum, functools, importlib, json, math, pickle, random, shutil, time, types, warnings, weakref
 from pathlib import Path, PurePath
 import numpy as np
 import torch
@@ -15,10 +15,14 @@ from .schedule import one_cycle_scheds
 from .loop import TrainLoop, Callback, CancelFitException
 from .callbacks import (MixedPrecision, ParamScheduler, ProgressCallback, Recorder, TrackerCallback,
                                  TerminateOnNaN, nonfinite_weights)
-from .lr_find import LRFinder, LRFinderWidget, plot_lr_find, suggest_lrs
+from dataclasses import dataclass, field
+from .optim import set_hyper
+from . import lr_find as lf
+from .lr_find import LRFinder, LRFinderWidget, plot_lr_find, suggest_lrs, race_candidates
 
 # %% auto #0
-__all__ = ['EXPORT_FORMAT', 'default_loss', 'check_batches', 'Learner', 'UnsafeExportError', 'load_learner']
+__all__ = ['EXPORT_FORMAT', 'default_loss', 'check_batches', 'Learner', 'AutoLR', 'race', 'auto_lr', 'UnsafeExportError',
+           'load_learner']
 
 # %% ../nbs/12_learner.ipynb #2ea32510
 def default_loss(dls):
@@ -148,8 +152,10 @@ class Learner(TrainLoop):
         return self.remove_cb(MixedPrecision)
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, stop_div: bool = True,
-                show_plot: bool = True, interactive: bool = False):
-        "Sweep the learning rate from `start_lr` to `end_lr` over `num_it` batches; return suggestions and plot."
+                show_plot: bool = True, interactive: bool = False, suggest: str | None = None,
+                race_steps: int | None = None):
+        "Sweep the learning rate from `start_lr` to `end_lr` over `num_it` batches; suggestions (`suggest='auto'`: race)."
+        if suggest not in (None, 'auto'): raise ValueError(f"lr_find: suggest is None or 'auto', not {suggest!r}")
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
         had_opt = self.opt is not None
         if not had_opt: self.create_opt()
@@ -162,6 +168,9 @@ class Learner(TrainLoop):
             if not had_opt: self.opt = None
         self.lr_finder = finder
         suggestions = suggest_lrs(finder.lrs, finder.losses)
+        if suggest == 'auto':
+            self.lr_auto = auto_lr(self, suggestions, race_steps, curve=(finder.lrs, finder.losses))
+            suggestions = suggestions._replace(auto=self.lr_auto.lr)
         if interactive:
             self.lr_widget = LRFinderWidget(finder.lrs, finder.losses, suggestions)
             self.lr_widget.show()
@@ -257,6 +266,83 @@ class Learner(TrainLoop):
                 if j > 0: blocks[n_inp].show(b[n_inp][i], ax)
         fig.tight_layout()
         return axs
+
+# %% ../nbs/12_learner.ipynb #8e436b68
+@dataclass
+class AutoLR:
+    "What `lr_find(suggest='auto')` found: the rate it picked, and its evidence."
+    lr: float                   # the winner
+    candidates: list            # the rates raced
+    scores: list                # the validation loss of each after its short cycle (inf: it diverged)
+    steps: int                  # training batches per candidate
+    seconds: float              # the race's wall time
+    lrs: list = field(default_factory=list, repr=False)      # the lr_find curve it was bracketed from
+    losses: list = field(default_factory=list, repr=False)
+
+class _Steps:
+    "Exactly `n` batches of loader `dl`, going round it again when it runs out: room for one short, complete cycle."
+    def __init__(self, dl, n: int): self.dl, self.n = dl, n
+    def __len__(self): return self.n
+    def __iter__(self):
+        done = 0
+        while True:
+            for b in self.dl:
+                if done == self.n: return
+                done += 1
+                yield b
+    @property
+    def bs(self): return getattr(self.dl, 'bs', getattr(self.dl, 'batch_size', None))
+    @property
+    def dataset(self): return self.dl.dataset
+    def to(self, device):
+        if hasattr(self.dl, 'to'): self.dl.to(device)
+        return self
+
+def _state(learn) -> dict:
+    "Everything a race changes: weights, optimizer state, random number generators."
+    return {'model': {k: v.detach().clone() for k, v in learn.model.state_dict().items()},
+            'opt': copy.deepcopy(learn.opt.state_dict()), 'torch': torch.get_rng_state(),
+            'numpy': np.random.get_state(), 'python': random.getstate()}
+
+def _restore(learn, s: dict):
+    "Put back what `_state` saved (a copy of the optimizer state: the optimizer adopts, and then updates, what it is given)."
+    learn.model.load_state_dict(s['model'])
+    learn.opt.load_state_dict(copy.deepcopy(s['opt']))
+    torch.set_rng_state(s['torch']); np.random.set_state(s['numpy']); random.setstate(s['python'])
+
+def race(learn, candidates, steps: int) -> list[float]:
+    "Train each rate in `candidates` for one one-cycle of `steps` batches from the same start; their validation losses."
+    skip = (Recorder, ProgressCallback, TrackerCallback, TerminateOnNaN)
+    keep = [cb for cb in learn.cbs if not isinstance(cb, skip)]
+    had_opt, train = learn.opt is not None, learn.dls.train
+    if not had_opt: learn.create_opt()
+    start, scores = _state(learn), []
+    try:
+        learn.dls.train = _Steps(train, steps)
+        for lr in candidates:
+            _restore(learn, start)
+            lr_max = np.array(lr_per_group(lr, n_layer_groups(learn.opt)))
+            set_hyper(learn.opt, 'lr', lr_max / 25.)
+            learn._fit(1, keep + [ParamScheduler(one_cycle_scheds(lr_max, 25., 1e5, 0.25, learn.moms))])
+            loss = learn.valid_values.get('valid_loss')
+            scores.append(loss if loss is not None and math.isfinite(loss) else math.inf)
+    finally:
+        learn.dls.train = train
+        _restore(learn, start)
+        if not had_opt: learn.opt = None
+    return scores
+
+def auto_lr(learn, suggestions, steps: int | None = None, n: int | None = None, lo: float | None = None,
+            hi: float | None = None, curve=((), ())) -> AutoLR:
+    "Race `n` candidates bracketed by the lr_find `suggestions` (`race_candidates`); the winner and the evidence."
+    if learn.dls.valid is None: raise ValueError("lr_find(suggest='auto') needs a validation set to judge the race")
+    n, lo, hi = (lf.RACE_N if n is None else n), (lf.RACE_LO if lo is None else lo), (lf.RACE_HI if hi is None else hi)
+    cands = race_candidates(suggestions, n, lo, hi)
+    steps = steps or max(1, 2 * (len(curve[0]) or 100) // n)
+    t = time.perf_counter()
+    scores = race(learn, cands, steps)
+    best = int(np.argmin(scores)) if np.isfinite(scores).any() else 0
+    return AutoLR(cands[best], cands, scores, steps, time.perf_counter() - t, list(curve[0]), list(curve[1]))
 
 # %% ../nbs/12_learner.ipynb #0e4297df
 EXPORT_FORMAT = 'lessonlib-learner/2'

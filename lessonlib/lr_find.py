@@ -16,8 +16,9 @@ from .callbacks import ProgressBar
 from .optim import set_hyper
 
 # %% auto #0
-__all__ = ['SUGGESTIONS', 'MARKERS', 'OTHER_MARKER', 'WIDGET_VIEW', 'IPYWIDGETS_MIN', 'LRFinder', 'minimum', 'steep', 'valley',
-           'slide', 'SuggestedLRs', 'suggest_lrs', 'suggested', 'plot_lr_find', 'LRFinderWidget', 'widgets_unusable']
+__all__ = ['SUGGESTIONS', 'RACE_N', 'RACE_LO', 'RACE_HI', 'MARKERS', 'OTHER_MARKER', 'WIDGET_VIEW', 'IPYWIDGETS_MIN', 'LRFinder',
+           'minimum', 'steep', 'valley', 'slide', 'SuggestedLRs', 'suggest_lrs', 'race_candidates', 'suggested',
+           'plot_lr_find', 'LRFinderWidget', 'widgets_unusable']
 
 # %% ../nbs/11_lr_find.ipynb #02b194fa
 class LRFinder(Callback):
@@ -104,6 +105,7 @@ class SuggestedLRs(NamedTuple):
     slide: float
     minimum: float
     steep: float
+    auto: float | None = None     # only with `lr_find(suggest='auto')`: the winner of a short race
 
 SUGGESTIONS = {'valley': valley, 'slide': slide, 'minimum': minimum, 'steep': steep}
 
@@ -125,6 +127,15 @@ def suggest_lrs(lrs, losses, skip_end: int = 5) -> SuggestedLRs:
     if len(lrs) < 3: raise ValueError('the loss was not finite for enough of the sweep to suggest a learning rate '
                                       '(lower start_lr, or check the data and model give a finite loss)')
     return SuggestedLRs(**{k: f(lrs, losses) for k, f in SUGGESTIONS.items()})
+
+# %% ../nbs/11_lr_find.ipynb #5ca44f6e
+RACE_N, RACE_LO, RACE_HI = 3, 0., 1.    # candidates, and the decades above `valley` they span (tuned on the lr suite)
+
+def race_candidates(suggestions: SuggestedLRs, n: int = RACE_N, lo: float = RACE_LO, hi: float = RACE_HI) -> list[float]:
+    "`n` rates evenly spaced on the log scale from `valley × 10**lo` to `valley × 10**hi`."
+    if n < 1 or hi < lo: raise ValueError(f'race_candidates: need n >= 1 and lo <= hi, got n={n}, lo={lo}, hi={hi}')
+    v = suggestions.valley
+    return [float(x) for x in np.geomspace(v * 10 ** lo, v * 10 ** hi, n)] if n > 1 else [float(v * 10 ** hi)]
 
 # %% ../nbs/11_lr_find.ipynb #23ba4766
 MARKERS = {'valley': ('o', 'tab:red'), 'slide': ('s', 'tab:green'), 'minimum': ('^', 'tab:purple'),
@@ -173,7 +184,7 @@ class LRFinderWidget:
         sugg = suggested(suggestions)
         self.lo, self.hi = min([self.lrs[0], *sugg.values()]), max([self.lrs[-1], *sugg.values()])  # slider range
         self.step = (math.log10(self.hi) - math.log10(self.lo)) / self.steps       # one slider step, in decades
-        self.chosen = 'valley' if 'valley' in sugg else next(iter(sugg), None)
+        self.chosen = next((k for k in ('auto', 'valley') if k in sugg), next(iter(sugg), None))   # the start
         self.lr = sugg[self.chosen] if self.chosen else float(self.lrs[0])
         self.slider = self.image = self.fig = None
         self.redraws, self._syncing = 0, False
@@ -275,7 +286,7 @@ class LRFinderWidget:
         "Display the widget in a notebook; a static plot (saying why) where widgets cannot work."
         why = widgets_unusable()
         if why:
-            if why != 'not in a notebook': print(f'Showing a static plot: {why}. `lr` stays at the valley suggestion.')
+            if why != 'not in a notebook': print(f'Showing a static plot: {why}. `lr` stays at {self.chosen}.')
             return plot_lr_find(self.lrs, self.losses, self.suggestions, skip_end=0, chosen=self.lr)
         from IPython.display import display
         display(self.display_data(), raw=True)

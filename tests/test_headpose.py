@@ -134,3 +134,15 @@ def test_not_biwi_one_line(tmp_path):
     r = run('headpose', '--data', str(tmp_path), '--out', str(tmp_path/'out'))
     assert r.returncode == 1 and r.stderr.count('\n') == 1, r.stderr
     assert 'is not BIWI data' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_builtin_command_lr_auto(tmp_path):
+    "`--lr auto`: lr_find's race picks the rate; the run trains at the winner, one of the three candidates."
+    r = run('headpose', '--frames', '6', '--epochs', '1', '--size', '32', '--bs', '16', '--lr', 'auto', '--out', str(tmp_path/'out'),
+            env={'LESSONLIB_DATA': str(tmp_path/'data')})
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = _check_outputs(tmp_path/'out')
+    s = m['lr_suggestions']
+    assert m['lr'] == s['auto']
+    from lessonlib.lr_find import RACE_LO, RACE_HI
+    assert s['valley'] * 10 ** RACE_LO * 0.999 <= s['auto'] <= s['valley'] * 10 ** RACE_HI * 1.001, s   # the race's span

@@ -38,10 +38,11 @@ def test_click_gives_exact_suggestion_despite_snapped_echo(curve):
     wdg = LRFinderWidget(lrs, losses, sugg)
     box = wdg.build()
     buttons = {b.description.split()[0]: b for b in box.children[1].children}
-    assert list(buttons) == list(sugg._fields)
+    assert list(buttons) == [k for k, v in sugg._asdict().items() if v is not None]
     wdg.slider.set_state({'value': _grid(wdg.slider, wdg.lr)})   # the first draw in the browser
     assert wdg.lr == sugg.valley
     for name, lr in sugg._asdict().items():
+        if lr is None: continue
         buttons[name].click()
         wdg.slider.set_state({'value': _grid(wdg.slider, lr)})   # the browser's snapped copy comes back
         assert wdg.lr == lr, (name, wdg.lr, lr)
@@ -53,7 +54,7 @@ def test_one_redraw_per_change(curve):
     wdg = LRFinderWidget(lrs, losses, sugg)
     box = wdg.build()
     assert wdg.redraws == 1
-    steep = box.children[1].children[list(sugg._fields).index('steep')]
+    steep = [b for b in box.children[1].children if b.description.startswith('steep')][0]
     steep.click()
     assert wdg.redraws == 2                 # the click; the slider following it is not a change
     wdg.slider.set_state({'value': _grid(wdg.slider, sugg.steep)})

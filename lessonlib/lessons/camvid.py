@@ -193,14 +193,14 @@ def parse_lr(lr) -> float | str:
     "A learning rate: a number (or a string like '1e-3'), or the name of an lr_find suggestion."
     try: return float(lr)
     except (TypeError, ValueError): pass
-    if lr not in SUGGESTIONS:
-        raise ValueError(f"lr={lr!r} is neither a number nor one of the lr_find suggestions {', '.join(SUGGESTIONS)}")
+    if lr not in (*SUGGESTIONS, 'auto'):
+        raise ValueError(f"lr={lr!r} is neither a number nor one of the lr_find suggestions {', '.join(SUGGESTIONS)}, auto")
     return lr
 
 def _find_lr(learn, lr, fn):
     "`lr` if a number, else the suggestion `lr` of an lr_find (two epochs' worth at most) whose plot goes to `fn`."
     if isinstance(lr, float): return lr
-    suggestions = learn.lr_find(num_it=min(100, 2 * len(learn.dls.train)))
+    suggestions = learn.lr_find(num_it=min(100, 2 * len(learn.dls.train)), suggest='auto' if lr == 'auto' else None)
     save_fig(fn)
     return getattr(suggestions, lr)
 
@@ -283,7 +283,7 @@ register_lesson('camvid', run_camvid, 'segment street scenes (CamVid) with a U-N
                              'epochs': 'epochs per training stage', 'arch': 'the ResNet encoder',
                              'pretrained': "start from torchvision's ImageNet weights (a download)",
                              'out': 'output folder', 'bs': 'batch size', 'seed': 'random seed',
-                             'lr': "learning rate: a number, or an lr_find suggestion (valley, slide, minimum, steep)",
+                             'lr': "learning rate: a number, or an lr_find suggestion (valley, slide, minimum, steep, or auto: a short race)",
                              'n': 'scenes in the built-in set',
                              'progressive': 'train at --size only (no second, larger size)',
                              'checkpoints': 'also keep the weights and optimizer state after each stage in OUT/models '

@@ -184,7 +184,7 @@ def run_headpose(data: str = 'synth', size: int = 64, epochs: int = 5, arch: str
     path, df = headpose_source(data, seed, valid, frames)
     dls = headpose_dls(df, size=size, bs=bs)
     learn = headpose_learner(dls, arch, pretrained=pretrained, path=out)
-    suggestions = learn.lr_find(num_it=50); save_fig(out/'lr_find.png')
+    suggestions = learn.lr_find(num_it=50, suggest='auto' if lr == 'auto' else None); save_fig(out/'lr_find.png')
     lr_used = pick_lr(lr, suggestions)                 # a number read off the plot, as in the lesson, or a suggestion
     learn.fit_one_cycle(epochs, lr_used)
     history = list(learn.recorder.values)
@@ -200,7 +200,7 @@ def run_headpose(data: str = 'synth', size: int = 64, epochs: int = 5, arch: str
     results = {'data': str(path), 'out': str(out), 'images_train': int((~df.is_valid).sum()), 'images_valid': int(df.is_valid.sum()),
                'frame_size': [w, h], 'input_size': list(input_size((w, h), size)), 'arch': arch, 'pretrained': pretrained,
                'epochs': epochs, 'lr': lr_used,
-               'lr_suggestions': suggestions._asdict(), 'mse': float(mse(preds, targs)),
+               'lr_suggestions': {k: v for k, v in suggestions._asdict().items() if v is not None}, 'mse': float(mse(preds, targs)),
                'pixel_error': PixelDistance(w, h)(preds, targs), 'baseline_pixel_error_mean_point': base_px,
                'baseline_mse_mean_point': float(mse(mean.expand_as(targs.reshape(-1, 2)), targs)),
                'predict_example': {'file': first.file, 'predicted_xy': pred_px, 'true_xy': [first.x, first.y]},
@@ -244,6 +244,6 @@ register_lesson('headpose', run_headpose, 'train the head-pose (image regression
                              'arch': 'the ResNet body', 'pretrained': "start from torchvision's ImageNet weights (a download)",
                              'out': 'output folder', 'bs': 'batch size', 'seed': 'random seed',
                              'lr': "learning rate: a number (read off lr_find.png) or a suggestion ('valley', 'slide', "
-                                   "'minimum', 'steep')",
+                                   "'minimum', 'steep', or 'auto': a short race of one-cycles)",
                              'valid': 'the person folder held out for validation', 'frames': 'frames per person in the built-in set'},
                 types={'seed': int, 'out': str, 'lr': str, 'valid': str}, choices={'arch': ARCHS}, summary=headpose_summary);

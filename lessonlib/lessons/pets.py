@@ -156,7 +156,7 @@ def train_manual(learn, epochs: int, lr: float, pretrained: bool = False, lr2='v
     learn.fit_one_cycle(frozen_epochs, lr)
     history = list(learn.recorder.values)
     learn.unfreeze()
-    sugg = learn.lr_find(num_it=30)
+    sugg = learn.lr_find(num_it=30, suggest='auto' if lr2 == 'auto' else None)
     hi = pick_lr(lr2, sugg)
     learn.fit_one_cycle(epochs, slice(hi / lr_mult_for(pretrained), hi))
     res = _stage_result('manual', learn, time.time() - t0, epochs + frozen_epochs, hi)
@@ -194,7 +194,7 @@ def run_pets(data: str = 'synth', size: int = 48, epochs: int = 3, arch: str = '
     res0 = presize_compare(dls.valid_ds.items[0], size, 2 * size)
     plot_presizing(res0); save_fig(out/'presizing.png')
     learn = pets_learner(dls, arch, pretrained, path=out)
-    sugg = learn.lr_find(num_it=30); save_fig(out/'lr_find.png')
+    sugg = learn.lr_find(num_it=30, suggest='auto' if lr == 'auto' else None); save_fig(out/'lr_find.png')
     lr_used = pick_lr(lr, sugg)
     stages = [train_fine_tune(learn, epochs, lr_used, pretrained)]
     best = learn
@@ -212,7 +212,7 @@ def run_pets(data: str = 'synth', size: int = 48, epochs: int = 3, arch: str = '
     acc = float((interp.preds == interp.targs).float().mean())
     results = {'data': str(path), 'out': str(out), 'images_train': len(dls.train_ds), 'images_valid': len(dls.valid_ds),
                'breeds': list(dls.vocab), 'arch': arch, 'pretrained': pretrained, 'size': size, 'presize': 2 * size,
-               'epochs': epochs, 'lr': lr_used, 'lr_suggestions': sugg._asdict(),
+               'epochs': epochs, 'lr': lr_used, 'lr_suggestions': {k: v for k, v in sugg._asdict().items() if v is not None},
                'best_method': stages[0]['method'] if best is learn else 'manual',
                'accuracy': acc, 'error_rate': 1 - acc, 'accuracy_baseline_majority': base_acc,
                'error_rate_baseline_majority': 1 - base_acc, 'baseline_class': dls.vocab[base_class],
@@ -253,7 +253,7 @@ register_lesson('pets', run_pets, 'train the pet-breeds lesson end to end (label
                              'pretrained': "start from torchvision's ImageNet weights (a download)",
                              'out': 'output folder', 'bs': 'batch size', 'seed': 'random seed',
                              'lr': "learning rate: a number (read off lr_find.png) or a suggestion ('valley', 'slide', "
-                                   "'minimum', 'steep')",
+                                   "'minimum', 'steep', or 'auto': a short race of one-cycles)",
                              'n': 'pictures per breed in the built-in set',
                              'manual': 'skip the by-hand training (freeze, lr_find, unfreeze, discriminative rates)'},
                 types={'seed': int, 'out': str, 'lr': str}, choices={'arch': ARCHS}, summary=pets_summary);

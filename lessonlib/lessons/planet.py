@@ -22,7 +22,7 @@ from ..datasets import get_dataset
 from ..kaggle import setup_lesson, show_path
 from ..synth.planet import make_planet
 from ..vision.models import ARCHS
-from ..lr_find import plot_lr_find
+from ..lr_find import plot_lr_find, SuggestedLRs
 from ..registry import register_lesson, save_fig, write_run
 
 # %% auto #0
@@ -143,31 +143,35 @@ def planet_submission(learn, path, thresh: float, fn='submission.csv') -> pd.Dat
     return sub
 
 # %% ../../nbs/lessons/01_planet.ipynb #9654ec69
-def _find_lr(learn, size: int, fn) -> float:
-    "Freeze, run lr_find at `size` px (announced), use `valley`; save the plot, titled with the chosen rate, to `fn`."
+def _find_lr(learn, size: int, fn, how: str = 'valley') -> float:
+    "Freeze, run lr_find at `size` px (announced), use suggestion `how` ('auto': a race); save the titled plot to `fn`."
     learn.freeze()
-    print(f'lr_find at {size} px, body frozen: 100 batches at rising learning rates', flush=True)
-    lrs = learn.lr_find(show_plot=False)
-    plot_lr_find(learn.lr_finder.lrs, learn.lr_finder.losses, lrs, chosen=lrs.valley,
-                 title=f'lr_find at {size} px, body frozen: valley {lrs.valley:.2e} used')
+    print(f'lr_find at {size} px, body frozen: 100 batches at rising learning rates'
+          + (', then a race of 3 short one-cycles' if how == 'auto' else ''), flush=True)
+    lrs = learn.lr_find(show_plot=False, suggest='auto' if how == 'auto' else None)
+    lr = float(getattr(lrs, how))
+    plot_lr_find(learn.lr_finder.lrs, learn.lr_finder.losses, lrs, chosen=lr,
+                 title=f'lr_find at {size} px, body frozen: {how} {lr:.2e} used')
     save_fig(fn)
-    return lrs.valley
+    return lr
 
 def run_planet(data: str = 'synth', size: int = 32, epochs: int = 2, arch: str = 'resnet18', pretrained: bool = False,
                out='planet_out', bs: int = 32, seed: int = 42, n: int = 1200, progressive: bool = True,
-               checkpoints: bool = False) -> dict:
+               checkpoints: bool = False, lr: str = 'valley') -> dict:
     "Train the Planet lesson end to end; write metrics, plots, the exported model, a submission and report.md to `out`."
+    if lr not in SuggestedLRs._fields:
+        raise ValueError(f"lr={lr!r}: the Planet lesson takes an lr_find suggestion: {', '.join(SuggestedLRs._fields)}")
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     set_seed(seed)
     path, csv, folder = planet_source(data, n=n)
     dls = planet_dls(path, csv, folder, size=size, bs=bs, seed=seed)
     learn = planet_learner(dls, arch, pretrained=pretrained, path=out)
-    lr = _find_lr(learn, size, out/'lr_find.png')
+    rule, lr = lr, _find_lr(learn, size, out/'lr_find.png', lr)
     history = train_stages(learn, epochs, lr, str(size), save=checkpoints)
     sizes, lr_big = [size], None
     if progressive:
         learn.dls = dls.new(size=2 * size); sizes.append(2 * size)
-        lr_big = _find_lr(learn, 2 * size, out/'lr_find_big.png')
+        lr_big = _find_lr(learn, 2 * size, out/'lr_find_big.png', rule)
         history += train_stages(learn, epochs, lr_big, str(2 * size), save=checkpoints)
     probs, targs = learn.get_preds()    # one validation pass serves the threshold and the baseline
     thresh, f2, threshs, scores = best_threshold(probs, targs)
@@ -176,7 +180,7 @@ def run_planet(data: str = 'synth', size: int = 32, epochs: int = 2, arch: str =
     save_fig(out/'loss.png')
     results = {'data': show_path(path), 'out': str(out), 'images_train': len(dls.train_ds), 'images_valid': len(dls.valid_ds), 'tags': dls.vocab,
                'arch': arch, 'pretrained': pretrained, 'sizes': sizes, 'epochs_per_stage': epochs,
-               'lr': lr, 'lr_big': lr_big, 'threshold': thresh, 'f2': f2, 'f2_at_0.2': float(scores[np.argmin(abs(threshs - 0.2))]),
+               'lr': lr, 'lr_rule': rule, 'lr_big': lr_big, 'threshold': thresh, 'f2': f2, 'f2_at_0.2': float(scores[np.argmin(abs(threshs - 0.2))]),
                'f2_baseline_clear_primary': baseline_f2(targs, dls.vocab), 'history': history}
     results['model'] = str(learn.export('planet_export.pkl'))
     has_test = (path/'sample_submission_v2.csv').exists()
@@ -193,7 +197,7 @@ def planet_report(r: dict) -> str:
     return (f"# Planet run\n\nData: `{r['data']}` ({r['images_train']} training, {r['images_valid']} validation images, "
             f"{len(r['tags'])} tags)\n\nModel: {r['arch']} ({'pretrained' if r['pretrained'] else 'from scratch'}), "
             f"sizes {' then '.join(map(str, r['sizes']))} px, {r['epochs_per_stage']} epoch(s) per stage, "
-            f"learning rate (lr_find's valley) {r['lr']:.2e}" + (f" then {r['lr_big']:.2e}" if r.get('lr_big') else '') + "\n\n"
+            f"learning rate (lr_find's {r.get('lr_rule', 'valley')}) {r['lr']:.2e}" + (f" then {r['lr_big']:.2e}" if r.get('lr_big') else '') + "\n\n"
             f"**F2 {r['f2']:.4f}** at threshold {r['threshold']:.2f} (at 0.2: {r['f2_at_0.2']:.4f}; always 'clear primary': "
             f"{r['f2_baseline_clear_primary']:.4f}). The threshold was chosen on the validation set, so this F2 is slightly "
             f"optimistic.\n\n{sub}| stage | epoch | train loss | valid loss | F2 | time |\n|---|---|---|---|---|---|\n{rows}\n\n"
@@ -214,5 +218,7 @@ register_lesson('planet', run_planet, 'train the Planet multi-label lesson end t
                              'out': 'output folder', 'bs': 'batch size', 'seed': 'random seed',
                              'n': 'images in the built-in set', 'progressive': 'train at --size only (no second, larger size)',
                              'checkpoints': 'also keep the weights and optimizer state after each stage in OUT/models '
-                                            '(hundreds of MB); the exported model is always written'},
+                                            '(hundreds of MB); the exported model is always written',
+                             'lr': "the lr_find suggestion to train at: valley (default), slide, minimum, steep, or "
+                                   "auto (a race of three short one-cycles between valley and 10x valley)"},
                 types={'seed': int, 'out': str}, choices={'arch': ARCHS}, summary=planet_summary);
