@@ -4,19 +4,21 @@
 
 # %% ../nbs/11_lr_find.ipynb #5cca9a42
 from __future__ import annotations
-import io, math
+import base64, io, math
 from typing import NamedTuple
 import numpy as np
 import torch
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from .loop import Callback, CancelFitException, CancelValidException
 from .callbacks import ProgressBar
 from .optim import set_hyper
 
 # %% auto #0
-__all__ = ['SUGGESTIONS', 'MARKERS', 'RACE_N', 'RACE_LO', 'RACE_HI', 'IPYWIDGETS_MIN', 'LRFinder', 'minimum', 'steep', 'valley',
-           'slide', 'SuggestedLRs', 'suggest_lrs', 'plot_lr_find', 'race_candidates', 'LRFinderWidget',
-           'widgets_unusable']
+__all__ = ['SUGGESTIONS', 'MARKERS', 'OTHER_MARKER', 'RACE_N', 'RACE_LO', 'RACE_HI', 'WIDGET_VIEW', 'IPYWIDGETS_MIN', 'LRFinder',
+           'minimum', 'steep', 'valley', 'slide', 'SuggestedLRs', 'suggest_lrs', 'suggested', 'plot_lr_find',
+           'race_candidates', 'LRFinderWidget', 'widgets_unusable']
 
 # %% ../nbs/11_lr_find.ipynb #02b194fa
 class LRFinder(Callback):
@@ -127,25 +129,36 @@ def suggest_lrs(lrs, losses, skip_end: int = 5) -> SuggestedLRs:
     return SuggestedLRs(**{k: f(lrs, losses) for k, f in SUGGESTIONS.items()})
 
 # %% ../nbs/11_lr_find.ipynb #23ba4766
-MARKERS = {'valley': ('o', 'tab:red'), 'slide': ('s', 'tab:green'), 'minimum': ('^', 'tab:purple'), 'steep': ('v', 'tab:orange'),
-           'auto': ('*', 'black')}
+MARKERS = {'valley': ('o', 'tab:red'), 'slide': ('s', 'tab:green'), 'minimum': ('^', 'tab:purple'),
+           'steep': ('v', 'tab:orange'), 'auto': ('*', 'black')}
+OTHER_MARKER = ('D', 'tab:gray')     # for a suggestion that has no marker of its own
+
+def suggested(suggestions) -> dict:
+    "The suggestions that hold a value, by name, in order (from a named tuple or a dict; None skipped)."
+    if suggestions is None: return {}
+    d = suggestions._asdict() if hasattr(suggestions, '_asdict') else dict(suggestions)
+    return {name: float(lr) for name, lr in d.items() if lr is not None}
+
+def _legend(ax):
+    "The legend outside the axes, right of them and top-aligned: it never covers the curve."
+    return ax.legend(loc='upper left', bbox_to_anchor=(1.02, 1), borderaxespad=0., fontsize='small')
 
 def plot_lr_find(lrs, losses, suggestions: SuggestedLRs | None = None, skip_end: int = 5, ax=None,
                  chosen: float | None = None, title: str | None = None):
     "Plot loss against learning rate (log scale), marking the suggestions (and the `chosen` rate, a dashed line)."
-    ax = ax or plt.subplots(figsize=(6, 4))[1]
+    if ax is None: ax = plt.subplots(figsize=(7.5, 4), layout='constrained')[1]   # room for the legend
     lrs, losses = _finite(lrs, losses)
     n = max(len(lrs) - skip_end, 1)
     lrs, losses = lrs[:n], losses[:n]
-    ax.plot(lrs, losses)
-    for name, lr in (suggestions._asdict().items() if suggestions else []):
-        if lr is None: continue
-        m, c = MARKERS[name]
-        ax.plot(lr, np.interp(np.log10(lr), np.log10(lrs), losses), m, color=c, markersize=8, label=f'{name}: {lr:.2e}')
+    ax.plot(lrs, losses, color='tab:blue')
+    for name, lr in suggested(suggestions).items():
+        m, c = MARKERS.get(name, OTHER_MARKER)
+        y = np.interp(np.log10(lr), np.log10(lrs), losses)
+        ax.plot(lr, y, m, color=c, markersize=8, label=f'{name}: {lr:.2e}')
     if chosen is not None: ax.axvline(chosen, color='k', ls='--', lw=1, label=f'chosen: {chosen:.2e}')
     ax.set_xscale('log'); ax.set_xlabel('learning rate'); ax.set_ylabel('loss (smoothed)')
     if title: ax.set_title(title)
-    if suggestions or chosen is not None: ax.legend()
+    if ax.get_legend_handles_labels()[1]: _legend(ax)
     return ax
 
 # %% ../nbs/11_lr_find.ipynb #5ca44f6e
@@ -158,63 +171,125 @@ def race_candidates(suggestions: SuggestedLRs, n: int = RACE_N, lo: float = RACE
     return [float(x) for x in np.geomspace(v * 10 ** lo, v * 10 ** hi, n)] if n > 1 else [float(v * 10 ** hi)]
 
 # %% ../nbs/11_lr_find.ipynb #4e717820
+WIDGET_VIEW = 'application/vnd.jupyter.widget-view+json'   # the mimetype Jupyter front ends draw a live widget from
+
 class LRFinderWidget:
-    "An ipywidgets lr-finder plot: a log slider over the swept range with read-out; `.lr` is the chosen value."
+    "An ipywidgets lr-finder plot: buttons for the suggestions and a log slider; `.lr` is the chosen value."
+    steps = 200                 # slider positions over the range
+    static_copy = True          # show() adds a PNG for static renderers; False: the widget alone
     def __init__(self, lrs, losses, suggestions: SuggestedLRs, skip_end: int = 5):
+        lrs, losses = _finite(lrs, losses)
         n = max(len(lrs) - skip_end, 1)
-        self.lrs, self.losses, self.suggestions = np.asarray(lrs[:n]), np.asarray(losses[:n]), suggestions
-        self.lr = suggestions.valley
+        self.lrs, self.losses, self.suggestions = lrs[:n], losses[:n], suggestions
+        sugg = suggested(suggestions)
+        self.lo, self.hi = min([self.lrs[0], *sugg.values()]), max([self.lrs[-1], *sugg.values()])  # slider range
+        self.step = (math.log10(self.hi) - math.log10(self.lo)) / self.steps       # one slider step, in decades
+        self.chosen = next((k for k in ('auto', 'valley') if k in sugg), next(iter(sugg), None))   # the start
+        self.lr = sugg[self.chosen] if self.chosen else float(self.lrs[0])
+        self.slider = self.image = self.fig = None
+        self.redraws, self._syncing = 0, False
 
     def loss_at(self, lr: float) -> float:
         "The smoothed loss at learning rate `lr` (interpolated on the log scale)."
         return float(np.interp(np.log10(lr), np.log10(self.lrs), self.losses))
 
-    def select(self, lr: float):
-        "Choose `lr` (clipped to the swept range); updates the slider when shown."
-        self.lr = float(np.clip(lr, self.lrs[0], self.lrs[-1]))
-        if getattr(self, 'slider', None) is not None and abs(self.slider.value - self.lr) > 1e-12 * self.lr:
-            self.slider.value = self.lr
+    def select(self, lr: float, name: str | None = None):
+        "Choose `lr` exactly (clipped to the slider's range; `name`: the suggestion it is); redraws once when shown."
+        self.lr, self.chosen = float(np.clip(lr, self.lo, self.hi)), name
+        if self.slider is not None:
+            self._syncing = True                 # moving the slider to `lr` is not a new choice
+            try: self.slider.value = self.lr
+            finally: self._syncing = False
         self._redraw()
         return self.lr
 
+    def _on_slide(self, change):
+        "The slider moved: a drag chooses its value; the snapped copy of `lr` (within half a step) is ignored."
+        if self._syncing: return
+        new = float(change['new'])
+        if abs(math.log10(new) - math.log10(self.lr)) <= self.step * (0.5 + 1e-6): return
+        self.select(new)
+
     def readout(self) -> str:
         "The text under the plot: chosen learning rate and the loss there."
-        return f'chosen lr = {self.lr:.2e}   smoothed loss there = {self.loss_at(self.lr):.4f}'
+        which = f' ({self.chosen})' if self.chosen else ''
+        return f'chosen lr = {self.lr:.2e}{which}   smoothed loss there = {self.loss_at(self.lr):.4f}'
+
+    def _draw_base(self):
+        "Lay the figure out and draw all but the chosen line and the legend, once: redraws start from these pixels."
+        self.fig = Figure(figsize=(7.5, 4), dpi=96, layout='constrained')
+        FigureCanvasAgg(self.fig)
+        ax = plot_lr_find(self.lrs, self.losses, self.suggestions, skip_end=0, ax=self.fig.add_subplot(),
+                          chosen=self.lr)
+        self._line = ax.lines[-1]
+        self.fig.canvas.draw()                         # the layout makes room for the legend ...
+        self.fig.set_layout_engine('none')             # ... and stays as it is from now on
+        self._line.set_animated(True); ax.get_legend().set_animated(True)   # draw() leaves animated artists out
+        self.fig.canvas.draw()
+        self._base = self.fig.canvas.copy_from_bbox(self.fig.bbox)
+
+    def png(self, full: bool = False) -> bytes:
+        "The plot as PNG bytes: the kept base, the dashed line and legend drawn on top (`full`: everything drawn)."
+        if self.fig is None: self._draw_base()
+        canvas, ax = self.fig.canvas, self._line.axes
+        self._line.set_xdata([self.lr, self.lr]); self._line.set_label(f'chosen: {self.lr:.2e}')
+        legend = _legend(ax)
+        if full:
+            self._line.set_animated(False)
+            canvas.draw()
+            self._line.set_animated(True)
+        else:
+            legend.set_animated(True)
+            canvas.restore_region(self._base)
+            ax.draw_artist(self._line); ax.draw_artist(legend)
+        buf = io.BytesIO()
+        plt.imsave(buf, np.asarray(canvas.buffer_rgba()), format='png')
+        return buf.getvalue()
 
     def build(self):
         "Build the widgets (needs ipywidgets); returns the box to display."
         import ipywidgets as w
-        lo, hi = np.log10(self.lrs[0]), np.log10(self.lrs[-1])
-        self.slider = w.FloatLogSlider(value=self.lr, base=10, min=lo, max=hi, step=(hi - lo) / 200,
-                                       description='lr', readout_format='.2e', continuous_update=True,
-                                       layout=w.Layout(width='500px'))
-        self.slider.observe(lambda ch: self.select(ch['new']), names='value')
-        self.label, self.out = w.Label(self.readout()), w.Output()
+        self.image, self.label = w.Image(format='png'), w.Label()
         buttons = []
-        for name, lr in self.suggestions._asdict().items():
-            if lr is None: continue
-            b = w.Button(description=f'{name} {lr:.1e}', layout=w.Layout(width='120px'))
-            b.on_click(lambda _, lr=lr: self.select(lr))
+        for name, lr in suggested(self.suggestions).items():
+            b = w.Button(description=f'{name} {lr:.1e}', tooltip=f'choose lr = {lr!r}',
+                         layout=w.Layout(width='auto'))   # as wide as its label
+            b.on_click(lambda _, lr=lr, name=name: self.select(lr, name))
             buttons.append(b)
+        self.slider = w.FloatLogSlider(value=self.lr, base=10, min=math.log10(self.lo), max=math.log10(self.hi),
+                                       step=self.step, description='lr', readout=False, continuous_update=True,
+                                       layout=w.Layout(width='500px'))
+        self.slider.observe(self._on_slide, names='value')
         self._redraw()
-        return w.VBox([self.out, self.slider, w.HBox(buttons), self.label])
+        self.image.layout = w.Layout(width=f'{self.fig.bbox.width:.0f}px', max_width='100%')   # not stretched
+        self.box = w.VBox([self.image, w.HBox(buttons), self.slider, self.label])
+        return self.box
 
     def _redraw(self):
-        if getattr(self, 'out', None) is None: return
+        if self.image is None: return
+        self.redraws += 1
+        self.image.value = self.png()
         self.label.value = self.readout()
-        with self.out:
-            self.out.clear_output(wait=True)
-            plot_lr_find(self.lrs, self.losses, self.suggestions, skip_end=0, chosen=self.lr)
-            plt.show()
+
+    def display_data(self) -> dict:
+        "The widget (built if needed) as one display's data: the live view; a PNG and text for static renderers."
+        box = self.box if self.image is not None else self.build()
+        get = getattr(box, '_repr_mimebundle_', None)           # ipywidgets 8; 7 has no such method
+        data = dict(get() or {}) if get else {}
+        if WIDGET_VIEW not in data:                             # what ipywidgets 7 publishes in _ipython_display_
+            data[WIDGET_VIEW] = {'version_major': 2, 'version_minor': 0, 'model_id': box.model_id}
+        if self.static_copy: data['image/png'] = base64.b64encode(self.png()).decode('ascii')
+        data['text/plain'] = self.readout()
+        return data
 
     def show(self):
         "Display the widget in a notebook; a static plot (saying why) where widgets cannot work."
         why = widgets_unusable()
         if why:
-            if why != 'not in a notebook': print(f'Showing a static plot: {why}. `lr` stays at the valley suggestion.')
+            if why != 'not in a notebook': print(f'Showing a static plot: {why}. `lr` stays at {self.chosen}.')
             return plot_lr_find(self.lrs, self.losses, self.suggestions, skip_end=0, chosen=self.lr)
         from IPython.display import display
-        display(self.build())
+        display(self.display_data(), raw=True)
         return self
 
 IPYWIDGETS_MIN = (7, 7)   # Colab ships 7.7.x; 8.x works in Jupyter
