@@ -162,7 +162,7 @@ def plot_lr_find(lrs, losses, suggestions: SuggestedLRs | None = None, skip_end:
     return ax
 
 # %% ../nbs/11_lr_find.ipynb #5ca44f6e
-RACE_N, RACE_LO, RACE_HI = 3, 0., 1.    # candidates, and the decades above `valley` they span (tuned on the lr suite)
+RACE_N, RACE_LO, RACE_HI = 3, 0., 1.5  # candidates, and the decades above `valley` they span (tuned on the lr suite)
 
 def race_candidates(suggestions: SuggestedLRs, n: int = RACE_N, lo: float = RACE_LO, hi: float = RACE_HI) -> list[float]:
     "`n` rates evenly spaced on the log scale from `valley × 10**lo` to `valley × 10**hi`."
