@@ -153,7 +153,7 @@ class Learner(TrainLoop):
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, stop_div: bool = True,
                 show_plot: bool = True, interactive: bool = False, suggest: str | None = None,
-                race_steps: int | None = None):
+                race_steps: int | None = None, race_monitor: str = 'valid_loss'):
         "Sweep the learning rate from `start_lr` to `end_lr` over `num_it` batches; suggestions (`suggest='auto'`: race)."
         if suggest not in (None, 'auto'): raise ValueError(f"lr_find: suggest is None or 'auto', not {suggest!r}")
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
@@ -169,7 +169,7 @@ class Learner(TrainLoop):
         self.lr_finder = finder
         suggestions = suggest_lrs(finder.lrs, finder.losses)
         if suggest == 'auto':
-            self.lr_auto = auto_lr(self, suggestions, race_steps, curve=(finder.lrs, finder.losses))
+            self.lr_auto = auto_lr(self, suggestions, race_steps, curve=(finder.lrs, finder.losses), monitor=race_monitor)
             suggestions = suggestions._replace(auto=self.lr_auto.lr)
         if interactive:
             self.lr_widget = LRFinderWidget(finder.lrs, finder.losses, suggestions)
@@ -273,9 +273,10 @@ class AutoLR:
     "What `lr_find(suggest='auto')` found: the rate it picked, and its evidence."
     lr: float                   # the winner
     candidates: list            # the rates raced
-    scores: list                # the validation loss of each after its short cycle (inf: it diverged)
+    scores: list                # what each scored on `monitor` after its short cycle (None: it diverged)
     steps: int                  # training batches per candidate
     seconds: float              # the race's wall time
+    monitor: str = 'valid_loss' # what judged the race
     lrs: list = field(default_factory=list, repr=False)      # the lr_find curve it was bracketed from
     losses: list = field(default_factory=list, repr=False)
 
@@ -310,8 +311,12 @@ def _restore(learn, s: dict):
     learn.opt.load_state_dict(copy.deepcopy(s['opt']))
     torch.set_rng_state(s['torch']); np.random.set_state(s['numpy']); random.setstate(s['python'])
 
-def race(learn, candidates, steps: int) -> list[float]:
-    "Train each rate in `candidates` for one one-cycle of `steps` batches from the same start; their validation losses."
+def _lower_is_better(monitor: str) -> bool:
+    "As `TrackerCallback`: losses and errors go down, other metrics go up."
+    return 'loss' in monitor or 'error' in monitor
+
+def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> list:
+    "Train each rate in `candidates` for one one-cycle of `steps` batches from the same start; what each scored on `monitor`."
     skip = (Recorder, ProgressCallback, TrackerCallback, TerminateOnNaN)
     keep = [cb for cb in learn.cbs if not isinstance(cb, skip)]
     had_opt, train = learn.opt is not None, learn.dls.train
@@ -324,8 +329,10 @@ def race(learn, candidates, steps: int) -> list[float]:
             lr_max = np.array(lr_per_group(lr, n_layer_groups(learn.opt)))
             set_hyper(learn.opt, 'lr', lr_max / 25.)
             learn._fit(1, keep + [ParamScheduler(one_cycle_scheds(lr_max, 25., 1e5, 0.25, learn.moms))])
-            loss = learn.valid_values.get('valid_loss')
-            scores.append(loss if loss is not None and math.isfinite(loss) else math.inf)
+            if monitor not in learn.valid_values:
+                raise ValueError(f'race: no {monitor!r} after validation; there are {sorted(learn.valid_values)}')
+            v = learn.valid_values[monitor]
+            scores.append(float(v) if v is not None and math.isfinite(v) else None)
     finally:
         learn.dls.train = train
         _restore(learn, start)
@@ -333,16 +340,18 @@ def race(learn, candidates, steps: int) -> list[float]:
     return scores
 
 def auto_lr(learn, suggestions, steps: int | None = None, n: int | None = None, lo: float | None = None,
-            hi: float | None = None, curve=((), ())) -> AutoLR:
-    "Race `n` candidates bracketed by the lr_find `suggestions` (`race_candidates`); the winner and the evidence."
+            hi: float | None = None, curve=((), ()), monitor: str = 'valid_loss', lower_is_better: bool | None = None) -> AutoLR:
+    "Race `n` candidates bracketed by the lr_find `suggestions` (`race_candidates`); the winner on `monitor`, and the evidence."
     if learn.dls.valid is None: raise ValueError("lr_find(suggest='auto') needs a validation set to judge the race")
     n, lo, hi = (lf.RACE_N if n is None else n), (lf.RACE_LO if lo is None else lo), (lf.RACE_HI if hi is None else hi)
+    lower = _lower_is_better(monitor) if lower_is_better is None else lower_is_better
     cands = race_candidates(suggestions, n, lo, hi)
     steps = steps or max(1, 2 * (len(curve[0]) or 100) // n)
     t = time.perf_counter()
-    scores = race(learn, cands, steps)
-    best = int(np.argmin(scores)) if np.isfinite(scores).any() else 0
-    return AutoLR(cands[best], cands, scores, steps, time.perf_counter() - t, list(curve[0]), list(curve[1]))
+    scores = race(learn, cands, steps, monitor)
+    ranked = [(s if lower else -s) if s is not None else math.inf for s in scores]
+    best = int(np.argmin(ranked))
+    return AutoLR(cands[best], cands, scores, steps, time.perf_counter() - t, monitor, list(curve[0]), list(curve[1]))
 
 # %% ../nbs/12_learner.ipynb #0e4297df
 EXPORT_FORMAT = 'lessonlib-learner/2'

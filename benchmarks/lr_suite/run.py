@@ -24,13 +24,15 @@ def _learner(task, seed, data):
     from lessonlib.data import DataLoaders
     from lessonlib.learner import Learner
     from lessonlib.callbacks import ProgressCallback
+    from lessonlib.metrics import FuncMetric
     xt, yt, xv, yv = data
     g = torch.Generator().manual_seed(seed)
     train = DataLoader(TensorDataset(xt, yt), batch_size=task.bs, shuffle=True, drop_last=True, generator=g)
     valid = DataLoader(TensorDataset(xv, yv), batch_size=2 * task.bs)
     model = task.model(seed)
     if task.freeze: task.freeze(model)
-    learn = Learner(DataLoaders(train, valid), model, loss_func=task.loss, device='cpu')
+    metric = FuncMetric(task.metric, name='metric')
+    learn = Learner(DataLoaders(train, valid), model, loss_func=task.loss, metrics=[metric], device='cpu')
     learn.remove_cb(ProgressCallback)
     torch.manual_seed(seed)
     return learn
@@ -73,15 +75,16 @@ def job(spec):
     if kind == 'auto':
         from lessonlib import lr_find as lf
         from lessonlib.learner import auto_lr
-        n, lo, hi = spec[3] or (lf.RACE_N, lf.RACE_LO, lf.RACE_HI)
-        rule = f'auto[{n},{lo:g},{hi:g}]' if spec[3] else 'auto'
+        n, lo, hi, on = spec[3] or (lf.RACE_N, lf.RACE_LO, lf.RACE_HI, 'loss')
+        rule = f"auto[{n},{lo:g},{hi:g}{',metric' if on == 'metric' else ''}]" if spec[3] else 'auto'
         sugg = learn.lr_find(show_plot=False)
         f = learn.lr_finder
         budget = task.epochs * len(learn.dls.train)
-        a = auto_lr(learn, sugg, min(2 * 100 // n, budget), n, lo, hi, curve=(f.lrs, f.losses))
+        a = auto_lr(learn, sugg, min(2 * 100 // n, budget), n, lo, hi, curve=(f.lrs, f.losses),
+                    monitor='metric' if on == 'metric' else 'valid_loss', lower_is_better=not task.higher_better if on == 'metric' else None)
         rec = dict(base, kind='race', rule=rule, seconds=time.perf_counter() - t, race_seconds=a.seconds,
-                   steps=a.steps * len(a.candidates), lr=a.lr, candidates=a.candidates, scores=a.scores, n=n, lo=lo, hi=hi)
-        return [rec, dict(base, kind='suggestion', rule=rule, lr=a.lr, n=n, lo=lo, hi=hi, **train(task, data, seed, a.lr))]
+                   steps=a.steps * len(a.candidates), lr=a.lr, candidates=a.candidates, scores=a.scores, n=n, lo=lo, hi=hi, on=on)
+        return [rec, dict(base, kind='suggestion', rule=rule, lr=a.lr, n=n, lo=lo, hi=hi, on=on, **train(task, data, seed, a.lr))]
     sugg = learn.lr_find(show_plot=False)
     f = learn.lr_finder
     out = [dict(base, kind='lr_find', rule='lr_find', seconds=time.perf_counter() - t, steps=len(f.lrs),
@@ -105,7 +108,7 @@ def done(out: Path) -> set:
             r = json.loads(line)
             kind = {'grid': 'grid', 'lr_find': 'suggest', 'race': 'auto'}.get(r['kind'])
             if kind == 'auto':
-                keys.add(('auto', r['task'], r['seed'], None if r['rule'] == 'auto' else (r['n'], r['lo'], r['hi'])))
+                keys.add(('auto', r['task'], r['seed'], None if r['rule'] == 'auto' else (r['n'], r['lo'], r['hi'], r.get('on', 'loss'))))
             elif kind: keys.add((kind, r['task'], r['seed']) + ((r['lr'],) if kind == 'grid' else ()))
     return keys
 
@@ -118,8 +121,9 @@ def main(argv=None):
     p.add_argument('--out', default=str(HERE/'results'/'runs.jsonl'))
     p.add_argument('--smoke', action='store_true', help='CI: the tiny task, 3 grid rates, one seed, a scratch file')
     p.add_argument('--only', choices=['grid', 'suggest', 'auto'], default=None, help='run only this kind of job')
-    p.add_argument('--race', default=None, help="N,LO,HI: race N candidates over valley*10**LO..valley*10**HI instead of "
-                   "the library's defaults (for tuning; recorded as the rule auto[N,LO,HI])")
+    p.add_argument('--race', default=None, help="N,LO,HI[,metric]: race N candidates over valley*10**LO..valley*10**HI "
+                   "(judged on the task's metric instead of the validation loss with ',metric') instead of the library's "
+                   "defaults (for tuning; recorded as the rule auto[N,LO,HI[,metric]])")
     a = p.parse_args(argv)
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     from tasks import TASKS
@@ -131,8 +135,8 @@ def main(argv=None):
     have = done(out)
     race = None
     if a.race:
-        n, lo, hi = a.race.split(',')
-        race = (int(n), float(lo), float(hi))
+        n, lo, hi, *on = a.race.split(',')
+        race = (int(n), float(lo), float(hi), on[0] if on else 'loss')
     todo = [s for s in specs(names, seeds, grid, race) if s not in have and (a.only is None or s[0] == a.only)]
     print(f'{len(todo)} jobs to run ({len(have)} already in {out})', flush=True)
     for n in dict.fromkeys(s[1] for s in todo): TASKS[n].data()          # build caches once, before the workers
