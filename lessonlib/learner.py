@@ -21,8 +21,8 @@ from . import lr_find as lf
 from .lr_find import LRFinder, LRFinderWidget, plot_lr_find, suggest_lrs, race_candidates
 
 # %% auto #0
-__all__ = ['EXPORT_FORMAT', 'default_loss', 'check_batches', 'Learner', 'AutoLR', 'race', 'auto_lr', 'UnsafeExportError',
-           'load_learner']
+__all__ = ['LOWER_BETTER', 'HIGHER_BETTER', 'EXPORT_FORMAT', 'default_loss', 'check_batches', 'Learner', 'AutoLR',
+           'lower_is_better', 'race_monitor', 'race', 'auto_lr', 'UnsafeExportError', 'load_learner']
 
 # %% ../nbs/12_learner.ipynb #2ea32510
 def default_loss(dls):
@@ -153,7 +153,7 @@ class Learner(TrainLoop):
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, stop_div: bool = True,
                 show_plot: bool = True, interactive: bool = False, suggest: str | None = None,
-                race_steps: int | None = None, race_monitor: str = 'valid_loss'):
+                race_steps: int | None = None, race_monitor: str | None = None):
         "Sweep the learning rate from `start_lr` to `end_lr` over `num_it` batches; suggestions (`suggest='auto'`: race)."
         if suggest not in (None, 'auto'): raise ValueError(f"lr_find: suggest is None or 'auto', not {suggest!r}")
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
@@ -311,9 +311,20 @@ def _restore(learn, s: dict):
     learn.opt.load_state_dict(copy.deepcopy(s['opt']))
     torch.set_rng_state(s['torch']); np.random.set_state(s['numpy']); random.setstate(s['python'])
 
-def _lower_is_better(monitor: str) -> bool:
-    "As `TrackerCallback`: losses and errors go down, other metrics go up."
-    return 'loss' in monitor or 'error' in monitor
+LOWER_BETTER = ('loss', 'error', 'mse', 'mae', 'perplexity', 'distance')
+HIGHER_BETTER = ('accuracy', 'fbeta', 'f1', 'f2', 'iou', 'dice', 'precision', 'recall', 'auc', 'map', 'r2')
+
+def lower_is_better(name: str) -> bool | None:
+    "Whether a smaller `name` (a loss or a metric) is better; None when its name does not say."
+    n = name.lower()
+    if any(k in n for k in LOWER_BETTER): return True
+    if any(k in n for k in HIGHER_BETTER): return False
+    return None
+
+def race_monitor(learn) -> str:
+    "What judges the race: the first metric whose direction is known from its name, else the validation loss."
+    known = [m.name for m in learn.metrics if lower_is_better(m.name) is not None]
+    return known[0] if known else 'valid_loss'
 
 def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> list:
     "Train each rate in `candidates` for one one-cycle of `steps` batches from the same start; what each scored on `monitor`."
@@ -340,11 +351,14 @@ def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> list:
     return scores
 
 def auto_lr(learn, suggestions, steps: int | None = None, n: int | None = None, lo: float | None = None,
-            hi: float | None = None, curve=((), ()), monitor: str = 'valid_loss', lower_is_better: bool | None = None) -> AutoLR:
+            hi: float | None = None, curve=((), ()), monitor: str | None = None, lower: bool | None = None) -> AutoLR:
     "Race `n` candidates bracketed by the lr_find `suggestions` (`race_candidates`); the winner on `monitor`, and the evidence."
     if learn.dls.valid is None: raise ValueError("lr_find(suggest='auto') needs a validation set to judge the race")
     n, lo, hi = (lf.RACE_N if n is None else n), (lf.RACE_LO if lo is None else lo), (lf.RACE_HI if hi is None else hi)
-    lower = _lower_is_better(monitor) if lower_is_better is None else lower_is_better
+    monitor = monitor or race_monitor(learn)
+    lower = lower_is_better(monitor) if lower is None else lower
+    if lower is None:
+        raise ValueError(f'auto_lr: is a lower {monitor!r} better? Its name does not say: pass lower=True or False')
     cands = race_candidates(suggestions, n, lo, hi)
     steps = steps or max(1, 2 * (len(curve[0]) or 100) // n)
     t = time.perf_counter()

@@ -31,7 +31,7 @@ def _learner(task, seed, data):
     valid = DataLoader(TensorDataset(xv, yv), batch_size=2 * task.bs)
     model = task.model(seed)
     if task.freeze: task.freeze(model)
-    metric = FuncMetric(task.metric, name='metric')
+    metric = FuncMetric(task.metric, name=task.metric_name)     # names the library knows the direction of
     learn = Learner(DataLoaders(train, valid), model, loss_func=task.loss, metrics=[metric], device='cpu')
     learn.remove_cb(ProgressCallback)
     torch.manual_seed(seed)
@@ -77,13 +77,20 @@ def job(spec):
         from lessonlib.learner import auto_lr
         n, lo, hi, on = spec[3] or (lf.RACE_N, lf.RACE_LO, lf.RACE_HI, 'loss')
         rule = f"auto[{n},{lo:g},{hi:g}{',metric' if on == 'metric' else ''}]" if spec[3] else 'auto'
-        sugg = learn.lr_find(show_plot=False)
-        f = learn.lr_finder
         budget = task.epochs * len(learn.dls.train)
-        a = auto_lr(learn, sugg, min(2 * 100 // n, budget), n, lo, hi, curve=(f.lrs, f.losses),
-                    monitor='metric' if on == 'metric' else 'valid_loss', lower_is_better=not task.higher_better if on == 'metric' else None)
+        steps = min(2 * 100 // n, budget)                      # never a race longer than the real training
+        if spec[3]:
+            sugg = learn.lr_find(show_plot=False)
+            f = learn.lr_finder
+            a = auto_lr(learn, sugg, steps, n, lo, hi, curve=(f.lrs, f.losses),
+                        monitor=task.metric_name if on == 'metric' else 'valid_loss')
+        else:                                                  # exactly what a user gets
+            learn.lr_find(show_plot=False, suggest='auto', race_steps=steps)
+            a = learn.lr_auto
+            on = 'loss' if a.monitor == 'valid_loss' else 'metric'
         rec = dict(base, kind='race', rule=rule, seconds=time.perf_counter() - t, race_seconds=a.seconds,
-                   steps=a.steps * len(a.candidates), lr=a.lr, candidates=a.candidates, scores=a.scores, n=n, lo=lo, hi=hi, on=on)
+                   steps=a.steps * len(a.candidates), lr=a.lr, candidates=a.candidates, scores=a.scores, n=n, lo=lo, hi=hi, on=on,
+                   monitor=a.monitor)
         return [rec, dict(base, kind='suggestion', rule=rule, lr=a.lr, n=n, lo=lo, hi=hi, on=on, **train(task, data, seed, a.lr))]
     sugg = learn.lr_find(show_plot=False)
     f = learn.lr_finder
