@@ -341,11 +341,20 @@ def compare(case, args, device) -> dict:
             'max_dloss': float(np.abs(lp - ll).max()) if len(lp) == len(ll) else float('nan'), 'n_steps': len(lp)}
 
 _LOOP_FILES = ('lessonlib/loop.py', 'lessonlib/callbacks.py', 'lessonlib/learner.py', 'lessonlib/optim.py',
-               'lessonlib/schedule.py', 'lessonlib/text/models.py')
+               'lessonlib/schedule.py')
 _SHARED = ('Validator.after_batch', 'Validator.after_validate', 'RNNRegularizer.after_loss', 'TrainLoop._one_batch',
            'TrainLoop._all_batches', 'TrainLoop._one_pass', 'TrainLoop._with_events', 'TrainLoop._do_epoch',
            'TrainLoop._do_epochs', 'TrainLoop._run', 'TrainLoop._fit', 'TrainLoop.fit', 'Learner.fit',
            'Learner.fit_one_cycle', 'TrainLoop.__call__')
+
+def _qualname(fn: str, line: int, func: str) -> str:
+    "`Class.func` for a method defined at `line` of file `fn` (the nearest class statement above it), else `module.func`."
+    try: lines = Path(fn).read_text().splitlines()[:line]
+    except OSError: lines = []
+    for l in reversed(lines[:-1]):
+        if l.startswith('class '): return l[6:].split('(')[0].split(':')[0].strip() + '.' + func
+        if l.startswith('def ') or l.startswith('# %%'): break
+    return f'{Path(fn).stem}.{func}'
 
 def profile_learner(case, args, device, top: int = 5) -> dict:
     "Where the learner's own code spends its time: one profiled run; cumulative ms per training batch of its methods."
@@ -357,10 +366,10 @@ def profile_learner(case, args, device, top: int = 5) -> dict:
     st = pstats.Stats(pr)
     n = args.epochs * len(case.train)
     rows = {}
-    for (fn, _, func), (cc, nc, tt, ct, callers) in st.stats.items():
+    for (fn, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
         if not fn.replace(os.sep, '/').endswith(_LOOP_FILES) or func.startswith('<'): continue
-        rows[f'{Path(fn).stem}.{func}'] = ct / n * 1000
-    calls = {k: v for k, v in rows.items() if not k.endswith(tuple('.' + f.split('.')[1] for f in _SHARED))}
+        rows[_qualname(fn, line, func)] = ct / n * 1000
+    calls = {k: v for k, v in rows.items() if k not in _SHARED}
     dispatch = next((ct for (fn, _, func), (cc, nc, tt, ct, _c) in st.stats.items()
                      if func == '__call__' and fn.replace(os.sep, '/').endswith('lessonlib/loop.py')), 0.)
     return {'total_ms': st.total_tt / n * 1000, 'events_ms': dispatch / n * 1000,
