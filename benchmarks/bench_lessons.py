@@ -41,7 +41,7 @@ def _rss() -> int:
     with open('/proc/self/statm') as f: return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 class PeakMemory:
-    "Peak memory of a block: on CUDA `max_memory_allocated`; on the CPU the process RSS sampled every `dt` s (rise over the start)."
+    "Peak memory of a block: CUDA's `max_memory_allocated`, or the rise of the process RSS sampled every `dt` s."
     def __init__(self, device, dt: float = 0.005): self.device, self.dt = device, dt
 
     def __enter__(self):
@@ -117,7 +117,8 @@ def plain_fit(case, model, epochs, device, amp=None):
                 vl.append(case.loss(out, yb)); vs.append(len(xb))
                 for m in case.metrics: m.accumulate(out.detach().float(), yb)
         w = torch.tensor(vs, dtype=torch.float32, device=device)
-        row = {'train_loss': train_loss, 'valid_loss': ((torch.stack(vl).float() * w).sum() / w.sum()).item() if vl else None}
+        valid_loss = ((torch.stack(vl).float() * w).sum() / w.sum()).item() if vl else None
+        row = {'train_loss': train_loss, 'valid_loss': valid_loss}
         for m in case.metrics: row[m.name] = m.value
         history.append(row)
     sync(device)
@@ -134,7 +135,7 @@ def learner_fit(case, model, epochs, device, amp=None):
         learn.fit_one_cycle(epochs, case.lr, pct_start=case.pct_start, moms=case.moms, wd=case.wd)
     sync(device)
     row = learn.recorder.values[-1]
-    learn.model = learn.opt = None          # let go of the weights and optimizer state, as the plain loop does on return
+    learn.model = learn.opt = None          # let go of weights and optimizer state, as the plain loop does
     return {'losses': learn.recorder.losses, **{k: v for k, v in row.items() if k not in ('epoch', 'time')}}
 
 
@@ -303,7 +304,7 @@ def check_loss(case, device):
         raise AssertionError(f'{case.name}: the plain loss {a} differs from the learner loss {b}')
 
 def run_side(f, case, epochs, device, seed, amp):
-    "One timed run of `f` on a fresh copy of the model from seed `seed`: (wall s, CPU s of this thread, peak MB, results)."
+    "One timed run of `f` on a fresh model copy from seed `seed`: (wall s, CPU s of this thread, peak MB, results)."
     model = copy.deepcopy(case.model)
     set_seed(seed)
     with PeakMemory(device) as mem:
@@ -327,7 +328,8 @@ def compare(case, args, device) -> dict:
         for k in (('plain', 'learner') if r % 2 == 0 else ('learner', 'plain')):
             secs, c, mb, out = run_side(sides[k], case, args.epochs, device, args.seed, amp)
             wall[k].append(secs); cpu[k].append(c); mems[k].append(mb); res[k] = out
-            if args.verbose: print(f'  {case.name} repeat {r} {k:8s} wall {secs:7.3f}s cpu {c:7.3f}s {mb:6.0f} MB', flush=True)
+            if args.verbose:
+                print(f'  {case.name} repeat {r} {k:8s} wall {secs:7.3f}s cpu {c:7.3f}s {mb:6.0f} MB', flush=True)
     # On the CPU the main measure is the CPU time of the training thread (one torch thread): other jobs on the
     # machine stretch wall time a lot, CPU time little. On a GPU, wall time (synchronised).
     times = cpu if device.type == 'cpu' else wall
@@ -348,7 +350,7 @@ _SHARED = ('Validator.after_batch', 'Validator.after_validate', 'RNNRegularizer.
            'Learner.fit_one_cycle', 'TrainLoop.__call__')
 
 def _qualname(fn: str, line: int, func: str) -> str:
-    "`Class.func` for a method defined at `line` of file `fn` (the nearest class statement above it), else `module.func`."
+    "`Class.func` for a method defined at `line` of file `fn` (the class statement above it), else `module.func`."
     try: lines = Path(fn).read_text().splitlines()[:line]
     except OSError: lines = []
     for l in reversed(lines[:-1]):
@@ -393,7 +395,8 @@ def loop_overhead(args, n: int = 300) -> list:
                 learn.fit_one_cycle(1, 1e-2) if one_cycle else learn.fit(1, 1e-2)
         return f
     fns = {'plain loop, one-cycle by hand': lambda m: plain_fit(case, m, 1, torch.device('cpu')),
-           'TrainLoop.fit (no callbacks, constant lr)': lambda m: TrainLoop(dls, m, F.cross_entropy, device='cpu').fit(1, 1e-2),
+           'TrainLoop.fit (no callbacks, constant lr)':
+               lambda m: TrainLoop(dls, m, F.cross_entropy, device='cpu').fit(1, 1e-2),
            'Learner.fit (constant lr)': learner(False),
            'Learner.fit_one_cycle': learner(),
            '... without ProgressCallback': learner(drop=[ProgressCallback]),
@@ -413,7 +416,8 @@ def fmt_row(r) -> str:
     c, t = r['case'], r['times']
     vp, vl = r['res']['plain']['valid_loss'], r['res']['learner']['valid_loss']
     unit = 'img/s' if c.unit == 'img' else 'tok/s'
-    return (f"| {c.name} | {c.what}; {len(c.train)} + {len(c.valid)} batches | {statistics.median(t['plain']):.2f} / {statistics.median(t['learner']):.2f} "
+    return (f"| {c.name} | {c.what}; {len(c.train)} + {len(c.valid)} batches "
+            f"| {statistics.median(t['plain']):.2f} / {statistics.median(t['learner']):.2f} "
             f"| {_spread(r['ratios'])} | {_spread(r['wall_ratios'])} "
             f"| {r['items_s']['plain']:,.0f} / {r['items_s']['learner']:,.0f} {unit} "
             f"| {r['mem']['plain']:.0f} / {r['mem']['learner']:.0f} | {c.loader_ms:.1f} "
@@ -456,20 +460,24 @@ def write_md(rows, args, device, fn):
             "training).\n\n" + HEADER + '\n' + '\n'.join(fmt_row(r) for r in rows) + '\n')
     prof = [r for r in rows if 'profile' in r]
     if prof:
-        text += ("\n## Where the learner's own time goes\n\nOne learner run per lesson under cProfile (which slows Python "
+        text += ("\n## Where the learner's own time goes\n\nOne learner run per lesson under cProfile (which slows "
+                 "Python "
                  "code down, so these are upper bounds): all the time per training batch, the time in the callbacks "
                  "(every event dispatched by `TrainLoop.__call__`, including the shared work of metrics and the AR/TAR "
-                 "regulariser), and the learner methods that cost most beyond the shared work, in ms per training batch "
-                 "(cumulative).\n\n| lesson | all, ms/batch | callbacks, ms/batch | share | top learner methods, ms/batch |\n"
+                 "regulariser), and the learner methods that cost most beyond the shared work, in ms per training "
+                 "batch (cumulative; once-per-fit costs are spread over the batches).\n\n"
+                 "| lesson | all, ms/batch | callbacks, ms/batch | share | top learner methods, ms/batch |\n"
                  "|---|---|---|---|---|\n")
         for r in prof:
             p = r['profile']
-            text += (f"| {r['case'].name} | {p['total_ms']:.1f} | {p['events_ms']:.3f} | {p['events_ms'] / p['total_ms']:.1%} "
+            text += (f"| {r['case'].name} | {p['total_ms']:.1f} | {p['events_ms']:.3f} "
+                     f"| {p['events_ms'] / p['total_ms']:.1%} "
                      f"| {', '.join(f'`{k}` {v:.3f}' for k, v in p['top'])} |\n")
     over = getattr(args, 'overhead_rows', None)
     if over:
         base = over[0][1]
-        text += ("\n## The loop's own cost per batch\n\nA tiny model (8→16→3 MLP, batches of 4) on 300 fixed batches, so "
+        text += ("\n## The loop's own cost per batch\n\nA tiny model (8→16→3 MLP, batches of 4) on 300 fixed batches, "
+                 "so "
                  "that almost all the time is the loop's: CPU microseconds per batch, median (min–max) of "
                  f"{args.repeats} rounds, and the difference from the plain loop. The lesson models above take "
                  "10–1000 ms per batch.\n\n| loop | µs/batch | vs plain |\n|---|---|---|\n" +
@@ -485,7 +493,8 @@ def parse(argv=None):
     ap.add_argument('--lessons', default=','.join(LESSONS), help=f'comma-separated, from {",".join(LESSONS)}')
     ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     ap.add_argument('--repeats', type=int, default=None, help='timed runs per side (default 5)')
-    ap.add_argument('--batches', type=int, default=None, help='training batches per epoch (default 6 quick, 20; x5 for scratch and the LM, x3 for the classifier)')
+    ap.add_argument('--batches', type=int, default=None, help='training batches per epoch (default 6 quick, 20; '
+                    'x5 for scratch and the LM, x3 for the classifier)')
     ap.add_argument('--valid-batches', type=int, default=None, help='validation batches (default 2 quick, 4)')
     ap.add_argument('--epochs', type=int, default=2)
     ap.add_argument('--size', type=int, default=None, help='image size (width) for the vision lessons (64 quick, 96)')
@@ -525,14 +534,18 @@ def main(argv=None):
         rows.append(r)
         p, l = r['res']['plain'], r['res']['learner']
         print(f"{name:9s} ratio {r['ratio']:.3f} ({min(r['ratios']):.3f}-{max(r['ratios']):.3f}) "
-              f"wall {statistics.median(r['wall_ratios']):.3f} ({min(r['wall_ratios']):.3f}-{max(r['wall_ratios']):.3f})  "
-              f"plain {statistics.median(r['times']['plain']):.2f}s learner {statistics.median(r['times']['learner']):.2f}s  "
+              f"wall {statistics.median(r['wall_ratios']):.3f} "
+              f"({min(r['wall_ratios']):.3f}-{max(r['wall_ratios']):.3f})  "
+              f"plain {statistics.median(r['times']['plain']):.2f}s "
+              f"learner {statistics.median(r['times']['learner']):.2f}s  "
               f"final train loss {p['train_loss']:.5f} / {l['train_loss']:.5f}, valid {p['valid_loss']:.5f} / "
               f"{l['valid_loss']:.5f}, max|dloss| {r['max_dloss']:.1e} over {r['n_steps']} steps  "
-              f"mem {r['mem']['plain']:.0f}/{r['mem']['learner']:.0f} MB  [{time.perf_counter() - t0:.0f}s]", flush=True)
+              f"mem {r['mem']['plain']:.0f}/{r['mem']['learner']:.0f} MB  [{time.perf_counter() - t0:.0f}s]",
+              flush=True)
         if args.profile:
             prof = r['profile'] = profile_learner(case, args, device)
-            print(f"  profile: {prof['total_ms']:.2f} ms/batch in all, callbacks (events) {prof['events_ms']:.3f} ms/batch; "
+            print(f"  profile: {prof['total_ms']:.2f} ms/batch in all, "
+                  f"callbacks (events) {prof['events_ms']:.3f} ms/batch; "
                   + ', '.join(f'{k} {v:.3f}' for k, v in prof['top']), flush=True)
         del case.learn
     if args.overhead:

@@ -134,24 +134,29 @@ def main(argv=None):
     rows = []
     for k in VARIANTS:
         f, ratios = fits[k], [a / b for a, b in zip(per[k], ref)]
-        rows.append(f"| {k} | {spread(per[k])} | **{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}) "
+        rows.append(f"| {k} | {spread(per[k])} "
+                    f"| **{statistics.median(ratios):.2f}** ({min(ratios):.2f}–{max(ratios):.2f}) "
                     f"| {args.bs / statistics.median(per[k]):.0f} | {f['cpu_s']:.1f} | {f['train_loss']:.4f} "
                     f"| {f['valid_loss']:.4f} | {f['fbeta']:.4f} | {f['accuracy_thresh']:.4f} |")
-    text = (f"# Precision and memory format on the CPU\n\nCommand: `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} "
+    threads = os.environ.get('OMP_NUM_THREADS', '')
+    text = (f"# Precision and memory format on the CPU\n\nCommand: `OMP_NUM_THREADS={threads} "
             f"{cmd.strip()}`\n\nMachine: {machine(device)}.\n\n"
             f"Task: the Planet lesson's resnet18 (from scratch) at {args.size} px on the built-in synthetic tiles "
             f"({args.n} tiles: {n_train} training batches of {args.bs}, {len(valid)} validation batches), the lesson's "
             "loss and metrics (F2 and accuracy at threshold 0.2). Batches are made once with the lesson's augmentation "
             "(a new draw per epoch), so every variant trains on the same data from the same weights and seed.\n\n"
-            f"Speed: CPU time of the training thread per step (batch of {args.bs}), {args.rounds} interleaved rounds of "
+            f"Speed: CPU time of the training thread per step (batch of {args.bs}), {args.rounds} interleaved "
+            "rounds of "
             f"{args.steps} steps after a warm-up; the ratio to float32 is per round (paired), below 1 is faster. "
             f"Result: `fit_one_cycle({args.epochs}, {args.lr})` per variant.\n\n"
-            "| variant | CPU s/step, median (min–max) | time ratio to float32 | images/s | fit CPU s | final train loss "
+            "| variant | CPU s/step, median (min–max) | time ratio to float32 | images/s | fit CPU s "
+            "| final train loss "
             "| final valid loss | F2 | accuracy |\n|---|---|---|---|---|---|---|---|---|\n" + '\n'.join(rows) + '\n')
     if unet:
         u32 = unet['float32']
-        text += (f"\nOne training step of the CamVid lesson's U-Net (resnet18 encoder, 96x128 frames, batch of {args.bs_seg}), "
-                 "CPU s, median (min–max) of 2 interleaved rounds after a warm-up:\n\n| variant | CPU s/step | ratio to float32 |\n"
+        text += ("\nOne training step of the CamVid lesson's U-Net (resnet18 encoder, 96x128 frames, batch of "
+                 f"{args.bs_seg}), CPU s, median (min–max) of 2 interleaved rounds after a warm-up:\n\n"
+                 "| variant | CPU s/step | ratio to float32 |\n"
                  "|---|---|---|\n" + ''.join(
                      f"| {k} | {spread(v)} | {statistics.median([a / b for a, b in zip(v, u32)]):.2f} |\n"
                      for k, v in unet.items()))
