@@ -54,10 +54,10 @@ def train_steps(learn, batches) -> float:
     with contextlib.redirect_stdout(io.StringIO()): learn.fit(1, 1e-3)
     return time.thread_time() - c
 
-def speed(learn, base, batches, rounds: int) -> dict:
-    "CPU s per step of every variant: one warm-up pass, then `rounds` interleaved passes (order reversed every other)."
-    per = {k: [] for k in VARIANTS}
-    names = list(VARIANTS)
+def speed(learn, base, batches, rounds: int, names=None) -> dict:
+    "CPU s per step of each variant: one warm-up pass, then `rounds` interleaved passes (order reversed every other)."
+    names = list(names or VARIANTS)
+    per = {k: [] for k in names}
     for r in range(rounds + 1):
         for k in (names if r % 2 == 0 else names[::-1]):
             dtype, cl = VARIANTS[k]
@@ -77,14 +77,14 @@ def fit_variant(learn, base, epochs_train, valid, n_epoch, lr, dtype, cl, seed) 
     row = dict(learn.recorder.values[-1])
     return {'cpu_s': c, 'wall_s': t, **{k: v for k, v in row.items() if k not in ('epoch', 'time')}}
 
-def unet_step(args, rounds: int = 2) -> dict:
+def unet_step(args, rounds: int = 2, names=None) -> dict:
     "CPU s of one training step of the CamVid U-Net (resnet18, the synthetic 96x128 frames) per variant."
     from lessonlib.lessons.camvid import camvid_source, camvid_codes, camvid_dls, camvid_learner
     path = camvid_source('synth')
     dls = camvid_dls(path, (96, 128), bs=args.bs_seg, codes=camvid_codes(path))
     learn = camvid_learner(dls, 'resnet18', pretrained=False)
     batches, _ = take_batches(dls.train, 1)
-    return speed(learn, copy.deepcopy(learn.model), batches, rounds)
+    return speed(learn, copy.deepcopy(learn.model), batches, rounds, names)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,8 +98,17 @@ def main(argv=None):
     ap.add_argument('--steps', type=int, default=4, help='training steps per timing round')
     ap.add_argument('--seed', type=int, default=42)
     ap.add_argument('--no-unet', dest='unet', action='store_false')
+    ap.add_argument('--unet-only', action='store_true', help='only time the U-Net step (prints, writes nothing); e.g. '
+                    'with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 to see a CPU without native bfloat16')
+    ap.add_argument('--variants', default=','.join(VARIANTS), help='for --unet-only: comma-separated variants')
     ap.add_argument('--out', default=str(Path(__file__).parent/'precision.md'))
     args = ap.parse_args(argv)
+    if args.unet_only:
+        names = [v.strip() for v in args.variants.split(',')]
+        print(machine(torch.device('cpu')), 'ATen', torch.backends.cpu.get_cpu_capability(), flush=True)
+        for k, v in unet_step(args, args.rounds, names).items():
+            print(f'U-Net step {k:34s} {statistics.median(v):.2f} CPU s ({min(v):.2f}-{max(v):.2f})', flush=True)
+        return
     from lessonlib.lessons.planet import planet_source, planet_dls, planet_learner
     device = torch.device('cpu')
     print(machine(device), flush=True)
