@@ -277,6 +277,7 @@ class AutoLR:
     steps: int                  # training batches per candidate
     seconds: float              # the race's wall time
     monitor: str = 'valid_loss' # what judged the race
+    valid_losses: list = field(default_factory=list)          # each candidate's validation loss: it breaks ties
     lrs: list = field(default_factory=list, repr=False)      # the lr_find curve it was bracketed from
     losses: list = field(default_factory=list, repr=False)
 
@@ -326,13 +327,13 @@ def race_monitor(learn) -> str:
     known = [m.name for m in learn.metrics if lower_is_better(m.name) is not None]
     return known[0] if known else 'valid_loss'
 
-def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> list:
-    "Train each rate in `candidates` for one one-cycle of `steps` batches from the same start; what each scored on `monitor`."
+def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> tuple[list, list]:
+    "Train each rate in `candidates` for one one-cycle of `steps` batches from the same start; `monitor` and loss of each."
     skip = (Recorder, ProgressCallback, TrackerCallback, TerminateOnNaN)
     keep = [cb for cb in learn.cbs if not isinstance(cb, skip)]
     had_opt, train = learn.opt is not None, learn.dls.train
     if not had_opt: learn.create_opt()
-    start, scores = _state(learn), []
+    start, scores, losses = _state(learn), [], []
     try:
         learn.dls.train = _Steps(train, steps)
         for lr in candidates:
@@ -342,13 +343,14 @@ def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> list:
             learn._fit(1, keep + [ParamScheduler(one_cycle_scheds(lr_max, 25., 1e5, 0.25, learn.moms))])
             if monitor not in learn.valid_values:
                 raise ValueError(f'race: no {monitor!r} after validation; there are {sorted(learn.valid_values)}')
-            v = learn.valid_values[monitor]
+            v, loss = learn.valid_values[monitor], learn.valid_values.get('valid_loss')
             scores.append(float(v) if v is not None and math.isfinite(v) else None)
+            losses.append(float(loss) if loss is not None and math.isfinite(loss) else None)
     finally:
         learn.dls.train = train
         _restore(learn, start)
         if not had_opt: learn.opt = None
-    return scores
+    return scores, losses
 
 def auto_lr(learn, suggestions, steps: int | None = None, n: int | None = None, lo: float | None = None,
             hi: float | None = None, curve=((), ()), monitor: str | None = None, lower: bool | None = None) -> AutoLR:
@@ -362,10 +364,13 @@ def auto_lr(learn, suggestions, steps: int | None = None, n: int | None = None, 
     cands = race_candidates(suggestions, n, lo, hi)
     steps = steps or max(1, 2 * (len(curve[0]) or 100) // n)
     t = time.perf_counter()
-    scores = race(learn, cands, steps, monitor)
-    ranked = [(s if lower else -s) if s is not None else math.inf for s in scores]
-    best = int(np.argmin(ranked))
-    return AutoLR(cands[best], cands, scores, steps, time.perf_counter() - t, monitor, list(curve[0]), list(curve[1]))
+    scores, losses = race(learn, cands, steps, monitor)
+    worst = (math.inf, math.inf)              # a candidate that diverged loses; equal scores: the lower loss wins
+    ranked = [((s if lower else -s), l if l is not None else math.inf) if s is not None else worst
+              for s, l in zip(scores, losses)]
+    best = min(range(len(cands)), key=ranked.__getitem__)
+    return AutoLR(cands[best], cands, scores, steps, time.perf_counter() - t, monitor, losses, list(curve[0]),
+                  list(curve[1]))
 
 # %% ../nbs/12_learner.ipynb #0e4297df
 EXPORT_FORMAT = 'lessonlib-learner/2'
