@@ -22,7 +22,7 @@ from .lr_find import LRFinder, LRFinderWidget, plot_lr_find, suggest_lrs, race_c
 
 # %% auto #0
 __all__ = ['LOWER_BETTER', 'HIGHER_BETTER', 'EXPORT_FORMAT', 'default_loss', 'check_batches', 'Learner', 'AutoLR',
-           'lower_is_better', 'race_monitor', 'race', 'auto_lr', 'UnsafeExportError', 'load_learner']
+           'lower_is_better', 'race', 'auto_lr', 'UnsafeExportError', 'load_learner']
 
 # %% ../nbs/12_learner.ipynb #2ea32510
 def default_loss(dls):
@@ -153,7 +153,7 @@ class Learner(TrainLoop):
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, stop_div: bool = True,
                 show_plot: bool = True, interactive: bool = False, suggest: str | None = None,
-                race_steps: int | None = None, race_monitor: str | None = None):
+                race_steps: int | None = None, race_monitor: str = 'valid_loss'):
         "Sweep the learning rate from `start_lr` to `end_lr` over `num_it` batches; suggestions (`suggest='auto'`: race)."
         if suggest not in (None, 'auto'): raise ValueError(f"lr_find: suggest is None or 'auto', not {suggest!r}")
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
@@ -322,11 +322,6 @@ def lower_is_better(name: str) -> bool | None:
     if any(k in n for k in HIGHER_BETTER): return False
     return None
 
-def race_monitor(learn) -> str:
-    "What judges the race: the first metric whose direction is known from its name, else the validation loss."
-    known = [m.name for m in learn.metrics if lower_is_better(m.name) is not None]
-    return known[0] if known else 'valid_loss'
-
 def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> tuple[list, list]:
     "Train each rate in `candidates` for one one-cycle of `steps` batches from the same start; `monitor` and loss of each."
     skip = (Recorder, ProgressCallback, TrackerCallback, TerminateOnNaN)
@@ -353,11 +348,10 @@ def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> tuple[li
     return scores, losses
 
 def auto_lr(learn, suggestions, steps: int | None = None, n: int | None = None, lo: float | None = None,
-            hi: float | None = None, curve=((), ()), monitor: str | None = None, lower: bool | None = None) -> AutoLR:
+            hi: float | None = None, curve=((), ()), monitor: str = 'valid_loss', lower: bool | None = None) -> AutoLR:
     "Race `n` candidates bracketed by the lr_find `suggestions` (`race_candidates`); the winner on `monitor`, and the evidence."
     if learn.dls.valid is None: raise ValueError("lr_find(suggest='auto') needs a validation set to judge the race")
     n, lo, hi = (lf.RACE_N if n is None else n), (lf.RACE_LO if lo is None else lo), (lf.RACE_HI if hi is None else hi)
-    monitor = monitor or race_monitor(learn)
     lower = lower_is_better(monitor) if lower is None else lower
     if lower is None:
         raise ValueError(f'auto_lr: is a lower {monitor!r} better? Its name does not say: pass lower=True or False')

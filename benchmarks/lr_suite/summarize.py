@@ -17,6 +17,21 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 RULES = ['valley', 'slide', 'minimum', 'steep', 'fixed_3e-3', 'fixed_1e-2', 'auto']
 TUNE = ['camvid', 'imdb', 'planet', 'tiny']        # the race's span is tuned on these only, fixed before any run
+VARIANTS = ['auto[metric]', 'auto[metric,first]', 'auto[4,0,1.5]', 'auto[5,0,1.75]']   # other races tried (see HISTORY)
+HISTORY = """How `auto` came to be (every race: 3 candidates unless named, `valley` to `valley × 10**1.5`, 66 steps each at
+most, never more than the task's own budget):
+1. The span and the number of candidates were chosen on the tuning tasks only: an oracle race on the grid
+   (`summarize.py --tune`) favoured spans of 1.5-2 decades above `valley` and no cap at the curve's minimum; real races of
+   3, 4 and 5 candidates over that span then gave mean regret 0.048, 0.188 and 0.073 on the tuning tasks (more candidates
+   means shorter races for the same cost; neither 4 nor 5 beat 3). 3 candidates, `lo = 0`, `hi = 1.5` were kept.
+2. Judging the race on the task's metric instead of the validation loss did better on the tuning tasks (0.030 against
+   0.048), so it was made the default (`auto[metric,first]`: equal scores went to the first, lowest, rate) and run on the
+   held-out tasks: mean regret 0.241 there, against 0.113 for the loss. `nobn` lost the most: two candidates tied on
+   accuracy (72 validation images) and the lower rate won the tie.
+3. Ties were then broken by the validation loss (`auto[metric]`): held-out 0.177. That rule has no constant to tune, but
+   it was added after seeing a held-out task, so its held-out figure is not clean.
+4. The choice between the three variants run on every task was finally made by leave-one-task-out (below): it picks the
+   loss in 8 of 9 folds, and the loss is the shipped default (`auto`)."""
 
 
 def load(fn):
@@ -101,7 +116,7 @@ def tune(s: Suite):
 def table(s: Suite) -> str:
     rr = s.rule_regrets()
     tasks = list(s.tasks)
-    tried = sorted({r for t in tasks for r in rr[t] if r.startswith('auto[')})     # race settings tried while tuning
+    tried = [r for r in VARIANTS if any(r in rr[t] for t in tasks)]      # race settings tried while tuning
     rules = [r for r in RULES + tried if any(r in rr[t] for t in tasks)]
     lines = ['| task | ' + ' | '.join(rules) + ' |', '|---' * (len(rules) + 1) + '|']
     for t in tasks:
@@ -114,6 +129,20 @@ def table(s: Suite) -> str:
         lines.append(f'| **mean regret, {label}** | ' + ' | '.join(f'{v:.3f}' for v in agg(ts, np.mean)) + ' |')
         lines.append(f'| **share ≤ 0.05, {label}** | ' + ' | '.join(
             f'{v:.2f}' for v in agg(ts, lambda v: np.mean(np.array(v) <= 0.05))) + ' |')
+    return '\n'.join(lines)
+
+
+def loto(s: Suite, variants=('auto', 'auto[metric]', 'auto[metric,first]')) -> str:
+    "Leave one task out: pick the variant with the lowest mean regret on the other tasks, score it on the one left out."
+    rr = s.rule_regrets()
+    tasks = [t for t in s.tasks if all(v in rr[t] for v in variants)]
+    lines = ['| task left out | variant chosen on the others | its regret there |', '|---|---|---|']
+    regs = []
+    for t in tasks:
+        pick = min(variants, key=lambda v: np.mean([rr[u][v][0] for u in tasks if u != t]))
+        regs.append(rr[t][pick][0])
+        lines.append(f'| {t} | {pick} | {regs[-1]:.3f} |')
+    if regs: lines.append(f'| **mean** (share ≤ 0.05: {np.mean(np.array(regs) <= 0.05):.2f}) | | **{np.mean(regs):.3f}** |')
     return '\n'.join(lines)
 
 
@@ -180,6 +209,7 @@ def main(argv=None):
            'two fixed rates, and `auto` (`lr_find(suggest=\'auto\')`: a race of three short complete one-cycles, '
            f'span (lo, hi) = {sorted(lo_hi)} decades above valley). The span was chosen on the tuning tasks {TUNE} '
            f'only; the held-out tasks {held} never informed it.', '', table(s), '',
+           '## How the automatic pick was chosen', '', HISTORY, '', '### Leave one task out', '', loto(s), '',
            '## Cost', '', 'Extra training steps before the real training: every curve rule pays one lr_find sweep; '
            '`auto` pays the sweep and the race; the fixed rates pay nothing.', '', costs(s), '',
            '## The grid (seed-mean metric per learning rate; best in bold)', '', grid_table(s), '']
