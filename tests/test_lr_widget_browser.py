@@ -13,22 +13,13 @@ from pathlib import Path
 import pytest
 import nbformat
 
+from test_lr_widget import NOTEBOOK
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 CHROMEDRIVER = shutil.which('chromedriver')
 
-CELLS = [
-    "import torch, torch.nn as nn, torch.nn.functional as F\n"
-    "from torch.utils.data import DataLoader, TensorDataset\n"
-    "from lessonlib.data import DataLoaders\n"
-    "from lessonlib.learner import Learner",
-    "torch.manual_seed(0)\n"
-    "x = torch.randn(512, 2); y = (x[:, 0] > 0).long()\n"
-    "dls = DataLoaders(DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, drop_last=True),\n"
-    "                  DataLoader(TensorDataset(x, y), batch_size=128))\n"
-    "model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))\n"
-    "learn = Learner(dls, model, loss_func=F.cross_entropy)\n"
-    "sugg = learn.lr_find(interactive=True)",
+CELLS = NOTEBOOK[:2] + [          # the set-up cells of test_lr_widget, then what the browser checks
     "w = learn.lr_widget\nprint('STATE', repr(w.lr), repr(sugg.valley), repr(sugg.steep), w.redraws)",
     "print('STATE', repr(w.lr), repr(sugg.valley), repr(sugg.steep), w.redraws)",
 ]
