@@ -167,8 +167,8 @@ class Lighting(Transform):
         bright = _maybe(_uniform(n, 0.5 * (1 - ml), 0.5 * (1 + ml), d), self.p, 0.5)
         contrast = _maybe(torch.exp(_uniform(n, math.log(1 - ml), -math.log(1 - ml), d)), self.p, 1.)
         shape = (n,) + (1,) * (x.ndim - 1)
-        y = x.clamp(1e-5, 1 - 1e-5)                      # one new tensor, then in place: fewer passes over memory
-        return y.logit_().mul_(contrast.view(shape)).add_(torch.logit(bright).view(shape)).sigmoid_()
+        y = x.logit(1e-5)                # clamped to [1e-5, 1 - 1e-5] in the same pass; one new tensor, then in place
+        return y.mul_(contrast.view(shape)).add_(torch.logit(bright).view(shape)).sigmoid_()
     def __repr__(self): return f'Lighting(max_lighting={self.max_lighting}, p={self.p})'
 
 # %% ../../nbs/03_augment.ipynb #7acd63a8
