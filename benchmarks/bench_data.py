@@ -10,7 +10,8 @@ Compares, in images per second (median of `--repeats` full passes after a warm-u
 each with num_workers 0 and 2. Then end to end: three epochs of `Learner.fit(1)` (fbeta metric, train + valid, 80/20
 split) at 128 px for each num_workers, and the same epochs on the pipeline's batches held in memory (the model's share).
 
-Every pass builds a fresh DataLoader iterator, as a training epoch does, so worker start-up is included.
+Every pass makes a fresh iterator, as a training epoch does: the plain torch loaders start their workers each time,
+lessonlib's loaders keep theirs from the warm-up pass on (persistent workers).
 The data set is painted once by `make_planet` and cached (`--dest`, default in the temp folder).
 
 --aug-ratio instead: the data path with and without the augmentation (img/s), and the training epoch of `--arch` with
@@ -18,7 +19,7 @@ and without it (seconds, and their ratio pair by pair).
 
 Usage: python benchmarks/bench_data.py [--aug-ratio] [--n 512] [--bs 64] [--repeats 3] [--threads T] [--arch simple_cnn|resnet18] [--quick]
 """
-import argparse, copy, os, platform, statistics, tempfile, time
+import argparse, copy, math, os, platform, statistics, tempfile, time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 
 from lessonlib.core import set_seed
-from lessonlib.data import DataLoaders, DataBlock, MultiCategoryBlock, ColReader, FuncSplitter, RandomSplitter
+from lessonlib.data import IMAGE, DataLoaders, DataBlock, MultiCategoryBlock, ColReader, FuncSplitter, RandomSplitter
 from lessonlib.vision.data import ImageBlock, Resize
 from lessonlib.vision.augment import aug_transforms, AffineAug, Lighting
 from lessonlib.vision.models import simple_cnn, create_vision_model, vision_split
@@ -117,6 +118,36 @@ def end_to_end(path, df, arch, bs, workers, epochs=3):
     return res, len(d0.train_ds), len(d0.valid_ds)
 
 
+class AffineBefore(AffineAug):
+    "The lesson's `AffineAug` with its grid made by `F.affine_grid`, as before (benchmarks/speed.md): for comparison."
+    def __call__(self, xs, kinds, train=False):
+        import torch.nn.functional as F
+        from lessonlib.vision.augment import eye_mats, resample
+        i = next((j for j, k in enumerate(kinds) if k == IMAGE), None)
+        if i is None or not train: return xs
+        n, (h, w) = xs[i].shape[0], xs[i].shape[-2:]
+        mats = self.mats(n, h, w, xs[i].device)
+        grid = F.affine_grid(mats[:, :2] / mats[:, 2:, 2:], (n, 1, h, w), align_corners=False)
+        return tuple(resample(x, grid, k, self.pad_mode, self.mode) if k == IMAGE else x for x, k in zip(xs, kinds))
+
+class LightingBefore(Lighting):
+    "`Lighting` with its clamp a pass of its own, as before (benchmarks/speed.md): for comparison."
+    def encodes(self, x, kind, train):
+        from lessonlib.vision.augment import _maybe, _uniform
+        if kind != IMAGE or not train: return x
+        n, d, ml = x.shape[0], x.device, self.max_lighting
+        bright = _maybe(_uniform(n, 0.5 * (1 - ml), 0.5 * (1 + ml), d), self.p, 0.5)
+        contrast = _maybe(torch.exp(_uniform(n, math.log(1 - ml), -math.log(1 - ml), d)), self.p, 1.)
+        shape = (n,) + (1,) * (x.ndim - 1)
+        return x.clamp(1e-5, 1 - 1e-5).logit_().mul_(contrast.view(shape)).add_(torch.logit(bright).view(shape)).sigmoid_()
+
+def as_before(dl):
+    "The same loader with the augmentation as it was before (for the before/after figures)."
+    swap = lambda t: (AffineBefore(**{k: getattr(t, k) for k in ('flip_vert', 'max_rotate', 'min_zoom', 'max_zoom', 'max_warp',
+                                                                  'p_affine', 'mode', 'pad_mode', 'do_flip')})
+                      if isinstance(t, AffineAug) else LightingBefore(t.max_lighting, t.p) if isinstance(t, Lighting) else t)
+    return dl.new(batch_tfms=[swap(t) for t in dl.batch_tfms])
+
 def no_aug(dl):
     "The same loader without the augmentation (its batch transforms less `AffineAug` and `Lighting`)."
     return dl.new(batch_tfms=[t for t in dl.batch_tfms if not isinstance(t, (AffineAug, Lighting))])
@@ -170,7 +201,7 @@ def main():
     ap.add_argument('--repeats', type=int, default=3, help='timed passes per configuration (after one warm-up)')
     ap.add_argument('--workers', type=int, nargs='+', default=[0, 2])
     ap.add_argument('--arch', default='simple_cnn', help="model for the end-to-end epoch: simple_cnn or a torchvision name (e.g. resnet18, random init)")
-    ap.add_argument('--no-e2e', action='store_true', help='skip the end-to-end epoch')
+    ap.add_argument('--no-e2e', action='store_true', help='skip the end-to-end epochs (with --aug-ratio: the training epochs)')
     ap.add_argument('--aug-ratio', action='store_true',
                     help='only: the training epoch with augmentation against without (--arch, --repeats pairs), and the data '
                          'path alone with and without augmentation (--workers)')
@@ -198,11 +229,13 @@ def main():
         loaders = {}
         for nw in args.workers:
             loaders['data path, augmented', nw] = dls[nw].train
+            loaders['data path, augmented as before', nw] = as_before(dls[nw].train)
             loaders['data path, not augmented', nw] = no_aug(dls[nw].train)
         for (name, nw), (med, rates, n) in images_per_s(loaders, args.repeats).items():
-            print(f'{name:26s} workers {nw}: {med:6.0f} img/s  (passes: {", ".join(f"{r:.0f}" for r in rates)}; {n} img/pass)')
+            print(f'{name:32s} workers {nw}: {med:6.0f} img/s  (passes: {", ".join(f"{r:.0f}" for r in rates)}; {n} img/pass)')
         for k, (med, lo, hi) in aug_breakdown(args.bs).items():
             print(f'  {k:36s} {med:7.1f} ms per batch of {args.bs} (range {lo:.1f}-{hi:.1f})')
+        if args.no_e2e: return
         times, ratios, n = aug_epoch_ratio(path, df, args.arch, args.bs, args.repeats, args.workers[0])
         for k, v in times.items():
             print(f'training epoch, {k:14s}: median {statistics.median(v):6.2f} s  ({", ".join(f"{x:.2f}" for x in v)}; '
