@@ -500,7 +500,7 @@ def _skip_summary(skipped, ds):
     warnings.warn(msg)
 
 class _Collate:
-    "Collate with the blocks of `dataset`: the batch of the readable samples, and the `Skipped` ones (`on_bad_item='skip'`)."
+    "Collate by the blocks of `dataset`: a batch of the readable samples, and the `Skipped` ones (`on_bad_item`)."
     def __init__(self, dataset): self.dataset = dataset
     def __call__(self, samples):
         good = [s for s in samples if not isinstance(s, Skipped)]
@@ -521,7 +521,7 @@ class TfmdDL:
     def _collate(self, samples): return _Collate(self.dataset)(samples)
 
     def _loader(self) -> DataLoader:
-        "The torch loader of one pass. With workers, one is kept while dataset and settings stay: its workers serve every epoch."
+        "The torch loader of a pass; with workers, one kept while dataset and settings stay (its workers persist)."
         kw = dict(batch_size=self.bs, shuffle=self.shuffle, drop_last=self.drop_last, num_workers=self.num_workers,
                   pin_memory=self.pin_memory)
         if not self.num_workers: return DataLoader(self.dataset, collate_fn=_Collate(self.dataset), **kw)
