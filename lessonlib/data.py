@@ -499,30 +499,57 @@ def _skip_summary(skipped, ds):
     if len(skipped) >= len(ds): raise DataError(f'{msg}; every item failed, e.g. {skipped[0][1]}')
     warnings.warn(msg)
 
+class _Collate:
+    "Collate by the blocks of `dataset`: a batch of the readable samples, and the `Skipped` ones (`on_bad_item`)."
+    def __init__(self, dataset): self.dataset = dataset
+    def __call__(self, samples):
+        good = [s for s in samples if not isinstance(s, Skipped)]
+        return (self.dataset.collate(good) if good else None), [s for s in samples if isinstance(s, Skipped)]
+
 class TfmdDL:
     "Batches of a `SplitDataset`: a torch `DataLoader` with block collation, then `batch_tfms` on `device`."
+    _kept, _passes = None, 0
     def __init__(self, dataset, bs=64, shuffle=False, drop_last=False, batch_tfms=(), device=None, num_workers=0, pin_memory=False):
         self.dataset, self.bs, self.shuffle, self.drop_last = dataset, bs, shuffle, drop_last
         self.batch_tfms, self.device, self.num_workers, self.pin_memory = sort_tfms(batch_tfms), device, num_workers, pin_memory
+        self._kept, self._passes = None, 0     # the torch loader whose workers persist across epochs; passes running
 
     def __len__(self):
         n = len(self.dataset)
         return n // self.bs if self.drop_last else math.ceil(n / self.bs)
 
-    def _collate(self, samples):
-        "The batch of the readable samples, and the `Skipped` ones (items skipped under `on_bad_item='skip'`)."
-        good = [s for s in samples if not isinstance(s, Skipped)]
-        return (self.dataset.collate(good) if good else None), [s for s in samples if isinstance(s, Skipped)]
+    def _collate(self, samples): return _Collate(self.dataset)(samples)
+
+    def _loader(self) -> DataLoader:
+        "The torch loader of a pass; with workers, one kept while dataset and settings stay (its workers persist)."
+        kw = dict(batch_size=self.bs, shuffle=self.shuffle, drop_last=self.drop_last, num_workers=self.num_workers,
+                  pin_memory=self.pin_memory)
+        if not self.num_workers: return DataLoader(self.dataset, collate_fn=_Collate(self.dataset), **kw)
+        if self._passes: return DataLoader(self.dataset, collate_fn=_Collate(self.dataset), **kw)   # a pass inside a pass
+        key = (self.dataset, sorted(kw.items()))
+        if self._kept is None or self._kept[0][0] is not self.dataset or self._kept[0][1] != key[1]:
+            self.close()
+            self._kept = key, DataLoader(self.dataset, collate_fn=_Collate(self.dataset), persistent_workers=True, **kw)
+        return self._kept[1]
+
+    def close(self):
+        "Stop the worker processes kept across epochs (if any); the next pass starts new ones."
+        kept, self._kept = self.__dict__.get('_kept'), None
+        it = getattr(kept[1], '_iterator', None) if kept else None
+        if it is not None and hasattr(it, '_shutdown_workers'): it._shutdown_workers()
 
     def __iter__(self):
-        dl = DataLoader(self.dataset, batch_size=self.bs, shuffle=self.shuffle, drop_last=self.drop_last,
-                        collate_fn=self._collate, num_workers=self.num_workers, pin_memory=self.pin_memory)
-        skipped = []
-        for b, bad in dl:
-            for item, msg in bad: warnings.warn(f'skipped a bad item: {msg}')
-            skipped += bad
-            if b is not None: yield self.after_batch(b)
+        dl, skipped = self._loader(), []
+        self._passes += 1
+        try:
+            for b, bad in dl:
+                for item, msg in bad: warnings.warn(f'skipped a bad item: {msg}')
+                skipped += bad
+                if b is not None: yield self.after_batch(b)
+        finally: self._passes -= 1
         if skipped: _skip_summary(skipped, self.dataset)
+
+    def __getstate__(self): return {**self.__dict__, '_kept': None, '_passes': 0}   # workers are not copied
 
     def after_batch(self, b):
         "Move batch `b` to the device and apply the batch transforms (augmentation only on the training split)."

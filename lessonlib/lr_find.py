@@ -21,20 +21,25 @@ __all__ = ['SUGGESTIONS', 'MARKERS', 'OTHER_MARKER', 'RACE_N', 'RACE_LO', 'RACE_
            'race_candidates', 'LRFinderWidget', 'widgets_unusable']
 
 # %% ../nbs/11_lr_find.ipynb #02b194fa
+def _copy_state(obj):
+    "A copy of a (nested) state dict whose tensors are cloned: no serialising, nothing shared with `obj`."
+    if torch.is_tensor(obj): return obj.detach().clone()
+    if isinstance(obj, dict): return {k: _copy_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(_copy_state(v) for v in obj)
+    return obj
+
 class LRFinder(Callback):
     "Exponential learning-rate sweep that records the smoothed loss and restores model and optimizer afterwards."
     order = 5
     def __init__(self, start_lr: float = 1e-7, end_lr: float = 10., num_it: int = 100, stop_div: bool = True,
-                 beta: float = 0.98, show_progress: bool = True):
+                 beta: float = 0.98, show_progress: bool = True, sync_every: int | None = None):
         if not 0 < start_lr < end_lr: raise ValueError(f'need 0 < start_lr < end_lr, got {start_lr} and {end_lr}')
         self.start_lr, self.end_lr, self.num_it, self.stop_div, self.beta = start_lr, end_lr, num_it, stop_div, beta
-        self.show_progress = show_progress
+        self.show_progress, self.sync_every = show_progress, sync_every
 
     def before_fit(self, learn):
-        buf = io.BytesIO()
-        torch.save({'model': learn.model.state_dict(), 'opt': learn.opt.state_dict()}, buf)
-        self.saved = buf
-        self.lrs, self.losses, self.raw_losses, self.best, self.avg = [], [], [], math.inf, 0.
+        self.saved = {'model': _copy_state(learn.model.state_dict()), 'opt': _copy_state(learn.opt.state_dict())}
+        self.lrs, self.losses, self.raw_losses, self.best, self.avg, self.pending = [], [], [], math.inf, 0., []
         self.bar = ProgressBar(None if self.show_progress else 'silent')
         self.bar.start(self.num_it, 'lr_find')
 
@@ -47,23 +52,34 @@ class LRFinder(Callback):
 
     def after_batch(self, learn):
         if not learn.training: return
-        loss = learn.loss.item()
-        self.avg = self.beta * self.avg + (1 - self.beta) * loss
-        smooth = self.avg / (1 - self.beta ** (len(self.losses) + 1))
-        self.lrs.append(learn.opt.param_groups[-1]['lr']); self.losses.append(smooth); self.raw_losses.append(loss)
-        self.bar.update(len(self.lrs), lambda: f'lr {self.lrs[-1]:.1e} loss {smooth:.4f}')
-        if self.stop_div and (math.isnan(smooth) or smooth > 4 * self.best): raise CancelFitException()
-        self.best = min(self.best, smooth)
+        self.lrs.append(learn.opt.param_groups[-1]['lr'])
+        self.pending.append(learn.loss.detach())               # no device sync here
+        every = self.sync_every or (1 if learn.loss.device.type == 'cpu' else 8)
+        if len(self.pending) >= every or len(self.lrs) >= self.num_it: self.flush()
         if len(self.lrs) >= self.num_it: raise CancelFitException()
+
+    def flush(self):
+        "Bring the pending losses to the host in one transfer, smooth them, and stop at the first divergence."
+        if not self.pending: return
+        raw, self.pending = torch.stack(self.pending).float().cpu().tolist(), []
+        for loss in raw:
+            self.avg = self.beta * self.avg + (1 - self.beta) * loss
+            smooth = self.avg / (1 - self.beta ** (len(self.losses) + 1))
+            self.losses.append(smooth); self.raw_losses.append(loss)
+            if self.stop_div and (math.isnan(smooth) or smooth > 4 * self.best): raise CancelFitException()
+            self.best = min(self.best, smooth)
+        self.bar.update(len(self.losses), lambda: f'lr {self.lrs[len(self.losses) - 1]:.1e} loss {self.losses[-1]:.4f}')
 
     def before_validate(self, learn): raise CancelValidException()
 
     def cleanup_fit(self, learn):
+        try: self.flush()                                       # a sweep cut short (e.g. the data ran out) has some left
+        except CancelFitException: pass
+        del self.lrs[len(self.losses):]                         # the steps run past a divergence are not kept
         self.bar.close()
-        self.saved.seek(0)
-        state = torch.load(self.saved, weights_only=True)
-        learn.model.load_state_dict(state['model'])
-        learn.opt.load_state_dict(state['opt'])
+        learn.model.load_state_dict(self.saved['model'])       # copies into the same parameters, bit for bit
+        learn.opt.load_state_dict(self.saved['opt'])
+        self.saved = None
 
 # %% ../nbs/11_lr_find.ipynb #9b760380
 def minimum(lrs, losses) -> float:

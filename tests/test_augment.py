@@ -84,7 +84,9 @@ def test_projective_grid_equals_affine_grid_for_affine_matrices():
     m2 = m.clone(); m2[:, 2, 0] = 1e-12                      # force the projective path
     g_proj = make_grid(m2, (9, 13))
     assert torch.allclose(g_aff, g_proj, atol=1e-5)
-    assert torch.allclose(g_aff, F.affine_grid(m[:, :2], (2, 1, 9, 13), align_corners=False))
+    # the oracle: torch's affine_grid (another order of float operations: equal to a millionth of the half-width)
+    assert torch.allclose(g_aff, F.affine_grid(m[:, :2], (2, 1, 9, 13), align_corners=False), atol=1e-6, rtol=0)
+    assert not torch.allclose(g_aff, F.affine_grid(m[:, :2].flip(0), (2, 1, 9, 13), align_corners=False), atol=1e-3)
 
 
 def test_warp_homography_moves_the_corners():

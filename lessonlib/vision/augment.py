@@ -72,15 +72,15 @@ def warp_mats(mag_x, mag_y) -> torch.Tensor:
 # %% ../../nbs/03_augment.ipynb #b388e17d
 def make_grid(mats, size, projective: bool | None = None) -> torch.Tensor:
     "The (n,h,w,2) sampling grid of 3×3 matrices `mats` for an output of `size` (h, w); `projective` if any warps."
-    n, (h, w) = mats.shape[0], size
+    h, w = size
     if projective is None: projective = bool(torch.any(mats[:, 2, :2] != 0))   # a device sync: callers that know, say
-    if not projective:
-        return F.affine_grid(mats[:, :2] / mats[:, 2:, 2:], (n, 1, h, w), align_corners=False)
+    m = mats if projective else mats[:, :2] / mats[:, 2:, 2:]                    # affine: only two rows are needed
+    xs = (torch.arange(w, device=mats.device, dtype=mats.dtype) * 2 + 1) / w - 1  # pixel centres, as align_corners=False
     ys = (torch.arange(h, device=mats.device, dtype=mats.dtype) * 2 + 1) / h - 1
-    xs = (torch.arange(w, device=mats.device, dtype=mats.dtype) * 2 + 1) / w - 1
-    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=mats.device)], -1)
-    pts = base.reshape(1, -1, 3) @ mats.transpose(1, 2)
-    return (pts[..., :2] / pts[..., 2:].clamp(min=1e-6)).reshape(n, h, w, 2)
+    # m @ (x, y, 1) as a sum of a row term (n,1,w,r) and a column term (n,h,1,r): one pass over the grid
+    row = xs[None, :, None] * m[:, None, :, 0] + m[:, None, :, 2]
+    pts = row[:, None] + ys[None, :, None, None] * m[:, None, None, :, 1]
+    return pts if not projective else pts[..., :2] / pts[..., 2:].clamp(min=1e-6)
 
 def resample(x, grid, kind=IMAGE, pad_mode='reflection', mode='bilinear') -> torch.Tensor:
     "Read batch `x` through `grid`: images with `mode` (bilinear), masks (n,h,w) by nearest neighbour."
@@ -167,8 +167,8 @@ class Lighting(Transform):
         bright = _maybe(_uniform(n, 0.5 * (1 - ml), 0.5 * (1 + ml), d), self.p, 0.5)
         contrast = _maybe(torch.exp(_uniform(n, math.log(1 - ml), -math.log(1 - ml), d)), self.p, 1.)
         shape = (n,) + (1,) * (x.ndim - 1)
-        y = x.clamp(1e-5, 1 - 1e-5)                      # one new tensor, then in place: fewer passes over memory
-        return y.logit_().mul_(contrast.view(shape)).add_(torch.logit(bright).view(shape)).sigmoid_()
+        y = x.logit(1e-5)                # clamped to [1e-5, 1 - 1e-5] in the same pass; one new tensor, then in place
+        return y.mul_(contrast.view(shape)).add_(torch.logit(bright).view(shape)).sigmoid_()
     def __repr__(self): return f'Lighting(max_lighting={self.max_lighting}, p={self.p})'
 
 # %% ../../nbs/03_augment.ipynb #7acd63a8
