@@ -22,6 +22,7 @@ from ..metrics import mse
 from ..datasets import get_dataset
 from ..synth.headpose import make_headpose, VALID_PERSON
 from ..registry import register_lesson, save_fig, write_run
+from ..lr_find import suggested
 
 # %% auto #0
 __all__ = ['read_cal', 'read_pose', 'pose_file', 'biwi_center', 'biwi_table', 'sample_table', 'headpose_source', 'frame_size',
@@ -200,7 +201,7 @@ def run_headpose(data: str = 'synth', size: int = 64, epochs: int = 5, arch: str
     results = {'data': str(path), 'out': str(out), 'images_train': int((~df.is_valid).sum()), 'images_valid': int(df.is_valid.sum()),
                'frame_size': [w, h], 'input_size': list(input_size((w, h), size)), 'arch': arch, 'pretrained': pretrained,
                'epochs': epochs, 'lr': lr_used,
-               'lr_suggestions': {k: v for k, v in suggestions._asdict().items() if v is not None}, 'mse': float(mse(preds, targs)),
+               'lr_suggestions': suggested(suggestions), 'mse': float(mse(preds, targs)),
                'pixel_error': PixelDistance(w, h)(preds, targs), 'baseline_pixel_error_mean_point': base_px,
                'baseline_mse_mean_point': float(mse(mean.expand_as(targs.reshape(-1, 2)), targs)),
                'predict_example': {'file': first.file, 'predicted_xy': pred_px, 'true_xy': [first.x, first.y]},

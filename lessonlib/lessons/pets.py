@@ -23,6 +23,7 @@ from ..synth.pets import make_pets
 from .scratch import majority_baseline
 from .headpose import pick_lr
 from ..registry import register_lesson, save_fig, write_run
+from ..lr_find import suggested
 
 # %% auto #0
 __all__ = ['PETS_PAT', 'pets_source', 'breed_label', 'pet_files', 'example_mats', 'presize_compare', 'plot_presizing',
@@ -212,7 +213,7 @@ def run_pets(data: str = 'synth', size: int = 48, epochs: int = 3, arch: str = '
     acc = float((interp.preds == interp.targs).float().mean())
     results = {'data': str(path), 'out': str(out), 'images_train': len(dls.train_ds), 'images_valid': len(dls.valid_ds),
                'breeds': list(dls.vocab), 'arch': arch, 'pretrained': pretrained, 'size': size, 'presize': 2 * size,
-               'epochs': epochs, 'lr': lr_used, 'lr_suggestions': {k: v for k, v in sugg._asdict().items() if v is not None},
+               'epochs': epochs, 'lr': lr_used, 'lr_suggestions': suggested(sugg),
                'best_method': stages[0]['method'] if best is learn else 'manual',
                'accuracy': acc, 'error_rate': 1 - acc, 'accuracy_baseline_majority': base_acc,
                'error_rate_baseline_majority': 1 - base_acc, 'baseline_class': dls.vocab[base_class],
