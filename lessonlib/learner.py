@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_learner.ipynb #e5a48bce
 from __future__ import annotations
-import collections, copy, enum, functools, importlib, json, math, pickle, random, shutil, time, types, warnings, weakref
+import collections, copy, enum, functools, importlib, json, math, pickle, random, re, shutil, time, types, warnings, weakref
 from pathlib import Path, PurePath
 import numpy as np
 import torch
@@ -287,11 +287,13 @@ class _Steps:
     def __len__(self): return self.n
     def __iter__(self):
         done = 0
-        while True:
+        while done < self.n:
+            before = done
             for b in self.dl:
-                if done == self.n: return
-                done += 1
                 yield b
+                done += 1
+                if done == self.n: return
+            if done == before: raise ValueError('race: the training loader gave no batch')
     @property
     def bs(self): return getattr(self.dl, 'bs', getattr(self.dl, 'batch_size', None))
     @property
@@ -300,26 +302,41 @@ class _Steps:
         if hasattr(self.dl, 'to'): self.dl.to(device)
         return self
 
+def _generators(dl) -> list:
+    "The torch generators that decide `dl`'s order (its own, its sampler's), if it has any."
+    gens = [getattr(dl, 'generator', None), getattr(getattr(dl, 'sampler', None), 'generator', None)]
+    return [g for g in gens if isinstance(g, torch.Generator)]
+
+_KEEP = ('valid_values', 'n_epoch', 'epoch', 'train_iter')     # what a fit changes on the learner itself
+
 def _state(learn) -> dict:
-    "Everything a race changes: weights, optimizer state, random number generators."
+    "Everything a race changes: weights, optimizer state, random number generators, the learner's last-fit attributes."
     return {'model': {k: v.detach().clone() for k, v in learn.model.state_dict().items()},
             'opt': copy.deepcopy(learn.opt.state_dict()), 'torch': torch.get_rng_state(),
-            'numpy': np.random.get_state(), 'python': random.getstate()}
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            'loader': [(g, g.get_state()) for g in _generators(learn.dls.train)],
+            'numpy': np.random.get_state(), 'python': random.getstate(),
+            'attrs': {k: copy.copy(getattr(learn, k)) for k in _KEEP if hasattr(learn, k)}}
 
 def _restore(learn, s: dict):
     "Put back what `_state` saved (a copy of the optimizer state: the optimizer adopts, and then updates, what it is given)."
     learn.model.load_state_dict(s['model'])
     learn.opt.load_state_dict(copy.deepcopy(s['opt']))
     torch.set_rng_state(s['torch']); np.random.set_state(s['numpy']); random.setstate(s['python'])
+    if s['cuda'] is not None: torch.cuda.set_rng_state_all(s['cuda'])
+    for g, st in s['loader']: g.set_state(st)
+    for k, v in s['attrs'].items(): setattr(learn, k, v)
+    learn.xb = learn.yb = learn.preds = learn.loss = None       # let go of the last batch
 
-LOWER_BETTER = ('loss', 'error', 'mse', 'mae', 'perplexity', 'distance')
-HIGHER_BETTER = ('accuracy', 'fbeta', 'f1', 'f2', 'iou', 'dice', 'precision', 'recall', 'auc', 'map', 'r2')
+LOWER_BETTER = {'loss', 'error', 'err', 'mse', 'rmse', 'mae', 'mape', 'smape', 'rmsle', 'msle', 'perplexity', 'distance',
+                'wer', 'cer'}
+HIGHER_BETTER = {'accuracy', 'acc', 'fbeta', 'f1', 'f2', 'iou', 'dice', 'precision', 'recall', 'auc', 'map', 'r2'}
 
 def lower_is_better(name: str) -> bool | None:
-    "Whether a smaller `name` (a loss or a metric) is better; None when its name does not say."
-    n = name.lower()
-    if any(k in n for k in LOWER_BETTER): return True
-    if any(k in n for k in HIGHER_BETTER): return False
+    "Whether a smaller `name` (a loss or a metric) is better, judged by its words; None when they do not say."
+    words = set(re.split(r'[^a-z0-9]+', name.lower()))
+    if words & LOWER_BETTER: return True
+    if words & HIGHER_BETTER: return False
     return None
 
 def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> tuple[list, list]:
@@ -328,6 +345,8 @@ def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> tuple[li
     keep = [cb for cb in learn.cbs if not isinstance(cb, skip)]
     had_opt, train = learn.opt is not None, learn.dls.train
     if not had_opt: learn.create_opt()
+    names = ['valid_loss'] + [m.name for m in learn.metrics]
+    if monitor not in names: raise ValueError(f'race: no {monitor!r} to judge on; the learner reports {names}')
     start, scores, losses = _state(learn), [], []
     try:
         learn.dls.train = _Steps(train, steps)
@@ -336,9 +355,7 @@ def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> tuple[li
             lr_max = np.array(lr_per_group(lr, n_layer_groups(learn.opt)))
             set_hyper(learn.opt, 'lr', lr_max / 25.)
             learn._fit(1, keep + [ParamScheduler(one_cycle_scheds(lr_max, 25., 1e5, 0.25, learn.moms))])
-            if monitor not in learn.valid_values:
-                raise ValueError(f'race: no {monitor!r} after validation; there are {sorted(learn.valid_values)}')
-            v, loss = learn.valid_values[monitor], learn.valid_values.get('valid_loss')
+            v, loss = learn.valid_values.get(monitor), learn.valid_values.get('valid_loss')
             scores.append(float(v) if v is not None and math.isfinite(v) else None)
             losses.append(float(loss) if loss is not None and math.isfinite(loss) else None)
     finally:
@@ -363,6 +380,8 @@ def auto_lr(learn, suggestions, steps: int | None = None, n: int | None = None, 
     ranked = [((s if lower else -s), l if l is not None else math.inf) if s is not None else worst
               for s, l in zip(scores, losses)]
     best = min(range(len(cands)), key=ranked.__getitem__)
+    if all(s is None for s in scores): warnings.warn(f'lr_find: every candidate of the race diverged {cands}; '
+                                                     'auto falls back to the lowest; train at a lower rate')
     return AutoLR(cands[best], cands, scores, steps, time.perf_counter() - t, monitor, losses, list(curve[0]),
                   list(curve[1]))
 
