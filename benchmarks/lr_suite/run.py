@@ -78,13 +78,13 @@ def job(spec):
         n, lo, hi, on = spec[3] or (lf.RACE_N, lf.RACE_LO, lf.RACE_HI, 'loss')
         rule = f"auto[{n},{lo:g},{hi:g}{',metric' if on == 'metric' else ''}]" if spec[3] else 'auto'
         budget = task.epochs * len(learn.dls.train)
-        steps = min(2 * 100 // n, budget)                      # never a race longer than the real training
+        steps = min(2 * 100 // n, budget)          # never a race longer than the training it stands for
         if spec[3]:
             sugg = learn.lr_find(show_plot=False)
             f = learn.lr_finder
             a = auto_lr(learn, sugg, steps, n, lo, hi, curve=(f.lrs, f.losses),
                         monitor=task.metric_name if on == 'metric' else 'valid_loss')
-        else:                                                  # exactly what a user gets
+        else:                                      # the library's default race, given the budget as a user can
             learn.lr_find(show_plot=False, suggest='auto', race_steps=steps)
             a = learn.lr_auto
             on = 'loss' if a.monitor == 'valid_loss' else 'metric'

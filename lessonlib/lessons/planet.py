@@ -220,5 +220,5 @@ register_lesson('planet', run_planet, 'train the Planet multi-label lesson end t
                              'checkpoints': 'also keep the weights and optimizer state after each stage in OUT/models '
                                             '(hundreds of MB); the exported model is always written',
                              'lr': "the lr_find suggestion to train at: valley (default), slide, minimum, steep, or "
-                                   "auto (a race of three short one-cycles between valley and 10x valley)"},
+                                   "auto (a race of three short one-cycles from valley to 30x valley)"},
                 types={'seed': int, 'out': str}, choices={'arch': ARCHS}, summary=planet_summary);
