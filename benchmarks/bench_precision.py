@@ -14,7 +14,7 @@ Usage: python benchmarks/bench_precision.py [--epochs 3] [--n 600] [--bs 32] [--
 from __future__ import annotations
 import argparse, contextlib, copy, io, os, statistics, sys, time
 from pathlib import Path
-import torch, torch.nn.functional as F
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))

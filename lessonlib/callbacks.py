@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt
 from .core import in_notebook, save_atomic
 from .optim import get_hyper, set_hyper
 from .loop import Callback, CancelFitException, batch_size, weighted_mean
+from .metrics import lower_is_better
 
 # %% auto #0
 __all__ = ['Recorder', 'format_row', 'progress_mode', 'ProgressBar', 'ProgressCallback', 'MixedPrecision', 'GradientClip',
@@ -287,7 +288,7 @@ class TrackerCallback(Callback):
     "Watch `monitor` in the epoch table; `self.improved` says whether this epoch beat the best so far."
     order = 70
     def __init__(self, monitor: str = 'valid_loss', comp=None, min_delta: float = 0.):
-        if comp is None: comp = np.less if ('loss' in monitor or 'error' in monitor) else np.greater
+        if comp is None: comp = np.less if lower_is_better(monitor) else np.greater     # unknown names: higher
         self.monitor, self.comp, self.min_delta = monitor, comp, min_delta
         self.reset()
 

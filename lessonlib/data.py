@@ -518,24 +518,21 @@ class TfmdDL:
         n = len(self.dataset)
         return n // self.bs if self.drop_last else math.ceil(n / self.bs)
 
-    def _collate(self, samples): return _Collate(self.dataset)(samples)
-
     def _loader(self) -> DataLoader:
         "The torch loader of a pass; with workers, one kept while dataset and settings stay (its workers persist)."
         kw = dict(batch_size=self.bs, shuffle=self.shuffle, drop_last=self.drop_last, num_workers=self.num_workers,
-                  pin_memory=self.pin_memory)
-        if not self.num_workers: return DataLoader(self.dataset, collate_fn=_Collate(self.dataset), **kw)
-        if self._passes: return DataLoader(self.dataset, collate_fn=_Collate(self.dataset), **kw)   # a pass inside a pass
-        key = (self.dataset, sorted(kw.items()))
-        if self._kept is None or self._kept[0][0] is not self.dataset or self._kept[0][1] != key[1]:
+                  pin_memory=self.pin_memory, collate_fn=_Collate(self.dataset))
+        if not self.num_workers or self._passes: return DataLoader(self.dataset, **kw)   # no workers, or a pass in a pass
+        settings = {k: v for k, v in kw.items() if k != 'collate_fn'}
+        if self._kept is None or self._kept[0] is not self.dataset or self._kept[1] != settings:
             self.close()
-            self._kept = key, DataLoader(self.dataset, collate_fn=_Collate(self.dataset), persistent_workers=True, **kw)
-        return self._kept[1]
+            self._kept = self.dataset, settings, DataLoader(self.dataset, persistent_workers=True, **kw)
+        return self._kept[2]
 
     def close(self):
         "Stop the worker processes kept across epochs (if any); the next pass starts new ones."
         kept, self._kept = self.__dict__.get('_kept'), None
-        it = getattr(kept[1], '_iterator', None) if kept else None
+        it = getattr(kept[2], '_iterator', None) if kept else None
         if it is not None and hasattr(it, '_shutdown_workers'): it._shutdown_workers()
 
     def __iter__(self):

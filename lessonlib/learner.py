@@ -18,13 +18,16 @@ from .callbacks import (MixedPrecision, ParamScheduler, ProgressCallback, Record
 from dataclasses import dataclass, field
 from .optim import set_hyper
 from . import lr_find as lf
-from .lr_find import LRFinder, LRFinderWidget, plot_lr_find, suggest_lrs, race_candidates
+from .lr_find import LRFinder, LRFinderWidget, plot_lr_find, suggest_lrs, race_candidates, clone_state
+from .metrics import lower_is_better
 
 # %% auto #0
-__all__ = ['LOWER_BETTER', 'HIGHER_BETTER', 'EXPORT_FORMAT', 'default_loss', 'check_batches', 'Learner', 'AutoLR',
-           'lower_is_better', 'race', 'auto_lr', 'UnsafeExportError', 'load_learner']
+__all__ = ['NOT_IN_TRIALS', 'EXPORT_FORMAT', 'default_loss', 'check_batches', 'Learner', 'AutoLR', 'race', 'auto_lr',
+           'UnsafeExportError', 'load_learner']
 
 # %% ../nbs/12_learner.ipynb #2ea32510
+NOT_IN_TRIALS = (Recorder, ProgressCallback, TrackerCallback, TerminateOnNaN)   # left out of lr_find's sweep and race
+
 def default_loss(dls):
     "The loss the `DataLoaders` ask for (made by their target block), or a clear error when there is none."
     make = getattr(dls, 'loss_func', None)
@@ -159,8 +162,7 @@ class Learner(TrainLoop):
         finder = LRFinder(start_lr, end_lr, num_it, stop_div)
         had_opt = self.opt is not None
         if not had_opt: self.create_opt()
-        skip = (Recorder, ProgressCallback, TrackerCallback, TerminateOnNaN)   # the sweep is meant to diverge
-        keep = [cb for cb in self.cbs if not isinstance(cb, skip)]
+        keep = [cb for cb in self.cbs if not isinstance(cb, NOT_IN_TRIALS)]   # the sweep is meant to diverge
         check_batches(self.dls.train, self.model, 'lr_find')
         try: self._fit(math.ceil(num_it / max(len(self.dls.train), 1)), keep + [finder])
         except ValueError as e: _raise_clear(e)
@@ -311,8 +313,8 @@ _KEEP = ('valid_values', 'n_epoch', 'epoch', 'train_iter')     # what a fit chan
 
 def _state(learn) -> dict:
     "Everything a race changes: weights, optimizer state, random number generators, the learner's last-fit attributes."
-    return {'model': {k: v.detach().clone() for k, v in learn.model.state_dict().items()},
-            'opt': copy.deepcopy(learn.opt.state_dict()), 'torch': torch.get_rng_state(),
+    return {'model': clone_state(learn.model.state_dict()), 'opt': clone_state(learn.opt.state_dict()),
+            'torch': torch.get_rng_state(),
             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             'loader': [(g, g.get_state()) for g in _generators(learn.dls.train)],
             'numpy': np.random.get_state(), 'python': random.getstate(),
@@ -321,28 +323,16 @@ def _state(learn) -> dict:
 def _restore(learn, s: dict):
     "Put back what `_state` saved (a copy of the optimizer state: the optimizer adopts, and then updates, what it is given)."
     learn.model.load_state_dict(s['model'])
-    learn.opt.load_state_dict(copy.deepcopy(s['opt']))
+    learn.opt.load_state_dict(clone_state(s['opt']))
     torch.set_rng_state(s['torch']); np.random.set_state(s['numpy']); random.setstate(s['python'])
     if s['cuda'] is not None: torch.cuda.set_rng_state_all(s['cuda'])
     for g, st in s['loader']: g.set_state(st)
     for k, v in s['attrs'].items(): setattr(learn, k, v)
     learn.xb = learn.yb = learn.preds = learn.loss = None       # let go of the last batch
 
-LOWER_BETTER = {'loss', 'error', 'err', 'mse', 'rmse', 'mae', 'mape', 'smape', 'rmsle', 'msle', 'perplexity', 'distance',
-                'wer', 'cer'}
-HIGHER_BETTER = {'accuracy', 'acc', 'fbeta', 'f1', 'f2', 'iou', 'dice', 'precision', 'recall', 'auc', 'map', 'r2'}
-
-def lower_is_better(name: str) -> bool | None:
-    "Whether a smaller `name` (a loss or a metric) is better, judged by its words; None when they do not say."
-    words = set(re.split(r'[^a-z0-9]+', name.lower()))
-    if words & LOWER_BETTER: return True
-    if words & HIGHER_BETTER: return False
-    return None
-
 def race(learn, candidates, steps: int, monitor: str = 'valid_loss') -> tuple[list, list]:
     "Train each rate in `candidates` for one one-cycle of `steps` batches from the same start; `monitor` and loss of each."
-    skip = (Recorder, ProgressCallback, TrackerCallback, TerminateOnNaN)
-    keep = [cb for cb in learn.cbs if not isinstance(cb, skip)]
+    keep = [cb for cb in learn.cbs if not isinstance(cb, NOT_IN_TRIALS)]
     had_opt, train = learn.opt is not None, learn.dls.train
     if not had_opt: learn.create_opt()
     names = ['valid_loss'] + [m.name for m in learn.metrics]

@@ -16,16 +16,16 @@ from .callbacks import ProgressBar
 from .optim import set_hyper
 
 # %% auto #0
-__all__ = ['SUGGESTIONS', 'MARKERS', 'OTHER_MARKER', 'RACE_N', 'RACE_LO', 'RACE_HI', 'WIDGET_VIEW', 'IPYWIDGETS_MIN', 'LRFinder',
-           'minimum', 'steep', 'valley', 'slide', 'SuggestedLRs', 'suggest_lrs', 'suggested', 'plot_lr_find',
-           'race_candidates', 'LRFinderWidget', 'widgets_unusable']
+__all__ = ['SUGGESTIONS', 'MARKERS', 'OTHER_MARKER', 'RACE_N', 'RACE_LO', 'RACE_HI', 'WIDGET_VIEW', 'IPYWIDGETS_MIN',
+           'clone_state', 'LRFinder', 'minimum', 'steep', 'valley', 'slide', 'SuggestedLRs', 'suggest_lrs', 'suggested',
+           'plot_lr_find', 'race_candidates', 'LRFinderWidget', 'widgets_unusable']
 
 # %% ../nbs/11_lr_find.ipynb #02b194fa
-def _copy_state(obj):
+def clone_state(obj):
     "A copy of a (nested) state dict whose tensors are cloned: no serialising, nothing shared with `obj`."
     if torch.is_tensor(obj): return obj.detach().clone()
-    if isinstance(obj, dict): return {k: _copy_state(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)): return type(obj)(_copy_state(v) for v in obj)
+    if isinstance(obj, dict): return {k: clone_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(clone_state(v) for v in obj)
     return obj
 
 class LRFinder(Callback):
@@ -38,7 +38,7 @@ class LRFinder(Callback):
         self.show_progress, self.sync_every = show_progress, sync_every
 
     def before_fit(self, learn):
-        self.saved = {'model': _copy_state(learn.model.state_dict()), 'opt': _copy_state(learn.opt.state_dict())}
+        self.saved = {'model': clone_state(learn.model.state_dict()), 'opt': clone_state(learn.opt.state_dict())}
         self.lrs, self.losses, self.raw_losses, self.best, self.avg, self.pending = [], [], [], math.inf, 0., []
         self.bar = ProgressBar(None if self.show_progress else 'silent')
         self.bar.start(self.num_it, 'lr_find')

@@ -4,15 +4,15 @@
 
 # %% ../nbs/05_metrics.ipynb #83d1dacf
 from __future__ import annotations
-import copy, math
+import copy, math, re
 from functools import partial
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['COUNTING', 'accuracy', 'error_rate', 'accuracy_thresh', 'fbeta', 'mse', 'rmse', 'mae', 'metric_name', 'Metric',
-           'FuncMetric', 'Accuracy', 'ErrorRate', 'MeanIoU', 'Perplexity', 'as_metric', 'average_precision',
-           'mean_average_precision']
+__all__ = ['LOWER_BETTER', 'HIGHER_BETTER', 'COUNTING', 'accuracy', 'error_rate', 'accuracy_thresh', 'fbeta', 'mse', 'rmse',
+           'mae', 'metric_name', 'lower_is_better', 'Metric', 'FuncMetric', 'Accuracy', 'ErrorRate', 'MeanIoU',
+           'Perplexity', 'as_metric', 'average_precision', 'mean_average_precision']
 
 # %% ../nbs/05_metrics.ipynb #086ccb05
 def _check_shapes(pred, targ, name):
@@ -69,6 +69,18 @@ def metric_name(m) -> str:
     f = m
     while isinstance(f, partial): f = f.func
     return getattr(f, '__name__', type(f).__name__)
+
+# %% ../nbs/05_metrics.ipynb #5fbc4dad
+LOWER_BETTER = {'loss', 'error', 'err', 'mse', 'rmse', 'mae', 'mape', 'smape', 'rmsle', 'msle', 'perplexity', 'distance',
+                'wer', 'cer'}
+HIGHER_BETTER = {'accuracy', 'acc', 'fbeta', 'f1', 'f2', 'iou', 'dice', 'precision', 'recall', 'auc', 'map', 'r2'}
+
+def lower_is_better(name: str) -> bool | None:
+    "Whether a smaller `name` (a loss or a metric) is better, judged by its words; None when they do not say."
+    words = set(re.split(r'[^a-z0-9]+', name.lower()))
+    if words & LOWER_BETTER: return True
+    if words & HIGHER_BETTER: return False
+    return None
 
 # %% ../nbs/05_metrics.ipynb #1509e94f
 class Metric:

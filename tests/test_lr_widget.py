@@ -4,7 +4,7 @@ a PNG of the plot beside the widget (for nbconvert, the docs and static viewers)
 
 The browser's side (a real JupyterLab in headless chromium) is tests/test_lr_widget_browser.py.
 """
-import base64, io, math, os, sys
+import base64, io, math, os
 from pathlib import Path
 
 import numpy as np

@@ -102,7 +102,6 @@ def simulate(s: Suite, tasks, lo, hi, n=3):
             c = s.curve(task, seed)
             if c is None: continue
             cands = race_candidates(SuggestedLRs(**c['suggestions']), n, lo, hi)
-            sign = s.tasks[task]['sign']
             rs.append(min(s.regret(task, s.interp(task, seed, lr)) for lr in cands))
         if rs: regs.append(np.mean(rs))
     return float(np.mean(regs)), int(sum(r > 0.05 for r in regs))
@@ -168,7 +167,6 @@ def costs(s: Suite) -> str:
     lines = ['| task | budget (steps) | lr_find steps | lr_find s | race steps (all candidates) | race s | s per training step |',
              '|---|---|---|---|---|---|---|']
     for t in s.tasks:
-        b = s.tasks[t]['task']
         steps = [r['steps'] for r in s.runs if r['task'] == t and r['kind'] == 'grid' and 'steps' in r]
         lines.append(f"| {t} | {steps[0] if steps else ''} | {lf_steps.get(t, 0):.0f} | {lf_secs.get(t, 0):.1f} | "
                      f"{rc_steps.get(t, 0):.0f} | {rc_secs.get(t, 0):.1f} | {np.mean(tr[t]):.4f} |")
@@ -199,7 +197,6 @@ def main(argv=None):
         tune(s)
         return
     from tasks import TASKS
-    from lessonlib.lr_find import RACE_LO, RACE_HI
     wall = sum(r.get('seconds', 0) for r in s.runs)
     held = [t for t in s.tasks if t not in TUNE]
     lo_hi = {(r.get('lo'), r.get('hi')) for r in s.runs if r['kind'] == 'race' and r['rule'] == 'auto'}

@@ -5,8 +5,8 @@ its metric (higher or lower is better) and a baseline: what a prior predictor sc
 frequencies, the mean point). Regret is measured between that baseline and the best rate found by the grid.
 """
 from __future__ import annotations
-import os, hashlib
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 import numpy as np
